@@ -1,0 +1,119 @@
+"""The family-adapter interface and the loaded-model bundle.
+
+The method code (contrast, candidates, training, evaluation) never touches a model family's
+internals. It asks a :class:`FamilyAdapter` to build the token ids of a prompt, to encode images
+once, to place image features into the input embeddings, and to run the language model on
+embeddings with the per-token tensors that the family needs. A new family is a new adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class EncodedPrompts:
+    """Token ids of prompts with their image placeholders expanded (right-padded lists)."""
+
+    input_ids: list[list[int]]          # one list per row, image placeholders already expanded
+    image_rows: list[int]               # row -> index into the image features tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class FamilyAdapter:
+    """How one model family lays out image tokens and runs its language model."""
+
+    name = "base"
+    architectures: tuple[str, ...] = ()
+
+    def __init__(self, model: Any, processor: Any):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_token_id = self.find_image_token_id(model)
+
+    # -- what a family must provide ------------------------------------------------------------
+
+    def find_image_token_id(self, model: Any) -> int:
+        raise NotImplementedError
+
+    def prompt(self, question: str) -> str:
+        """Return the chat-formatted prompt text for one image and ``question``."""
+        raise NotImplementedError
+
+    def pixel_values(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Preprocess images; returns the tensors that :meth:`image_features` takes."""
+        raise NotImplementedError
+
+    def prompt_ids(self, prompts: Sequence[str], num_image_tokens: int) -> list[list[int]]:
+        """Tokenize prompts with every image placeholder expanded to the image's token count."""
+        raise NotImplementedError
+
+    def image_features(self, model: Any, pixel_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run the vision tower and projector once: ``(num_images, N, D)``."""
+        raise NotImplementedError
+
+    def language_forward(
+        self,
+        model: Any,
+        inputs_embeds: torch.Tensor,          # (B, T, D)
+        attention_mask: torch.Tensor,         # (B, T)
+        position_ids: torch.Tensor,           # (B, T)
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run the language model on embeddings; returns hidden states ``(B, T, D)``."""
+        raise NotImplementedError
+
+    def lm_head(self, model: Any) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def embed_tokens(self, model: Any) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # -- shared helpers ------------------------------------------------------------------------
+
+    def per_token_extras(self) -> tuple[str, ...]:
+        """Names of family-specific per-token tensors that dropout must cut with the tokens."""
+        return ()
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Tokenize an answer as it follows the prompt, ending with EOS."""
+        ids = self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        return list(ids) + ([eos] if eos is not None else [])
+
+    def special_token_ids(self) -> set[int]:
+        ids = set(self.tokenizer.all_special_ids)
+        ids.add(self.image_token_id)
+        return ids
+
+
+def unwrap_model(model: Any) -> Any:
+    """Return the transformers model under a PEFT or DDP wrapper (LoRA layers stay in place)."""
+    inner = model
+    for _ in range(4):
+        if hasattr(inner, "module") and isinstance(getattr(inner, "module"), torch.nn.Module):
+            inner = inner.module  # DDP / FSDP wrapper
+        elif hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()  # PeftModel
+        else:
+            break
+    return inner
+
+
+@dataclass
+class VLM:
+    """A loaded vision-language model with its processor and family adapter."""
+
+    model: Any
+    processor: Any
+    adapter: FamilyAdapter
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.adapter.tokenizer
