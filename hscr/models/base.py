@@ -66,6 +66,21 @@ class FamilyAdapter:
         """Run the language model on embeddings; returns hidden states ``(B, T, D)``."""
         raise NotImplementedError
 
+    def language_forward_cached(
+        self,
+        model: Any,
+        inputs_embeds: torch.Tensor,          # (B, T_new, D)
+        attention_mask: torch.Tensor,         # (B, T_cached + T_new)
+        position_ids: torch.Tensor,           # (B, T_new)
+        cache: Any = None,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Run the language model with a key/value cache (None starts one).
+
+        Returns the hidden states of the new tokens ``(B, T_new, D)`` and the updated cache.
+        """
+        raise NotImplementedError(f"the {self.name} adapter does not support cached decoding")
+
     def lm_head(self, model: Any) -> torch.nn.Module:
         raise NotImplementedError
 

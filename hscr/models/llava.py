@@ -88,6 +88,18 @@ class LlavaAdapter(FamilyAdapter):
         )
         return out.last_hidden_state
 
+    def language_forward_cached(self, model, inputs_embeds, attention_mask, position_ids, cache=None, extras=None):
+        # transformers 5.x names the key/value cache argument `cache` (formerly `past_key_values`).
+        inner = unwrap_model(model)
+        out = inner.model.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state, out.cache
+
     def lm_head(self, model: Any) -> torch.nn.Module:
         return unwrap_model(model).lm_head
 
