@@ -1,0 +1,65 @@
+"""``python -m hscr evaluate``: answer a dataset split with greedy decoding and score it.
+
+    python -m hscr evaluate --model data/demo/model --db data/hscr.duckdb --dataset demo --split test
+    python -m hscr evaluate --model data/demo/model --adapter data/runs/train-1/adapter --db data/hscr.duckdb --dataset demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hscr.config import add_config_arguments
+
+DEFAULT_DB = "data/hscr.duckdb"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="answer a dataset split greedily, store and score the answers")
+    parser.add_argument("--model", required=True, help="model folder or hub id (Hugging Face format)")
+    parser.add_argument("--adapter", help="folder of a LoRA adapter saved by training (default: the base model)")
+    parser.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default {DEFAULT_DB})")
+    parser.add_argument("--dataset", required=True, help="dataset name in the database")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--limit", type=int, help="evaluate at most this many samples")
+    parser.add_argument("--output", metavar="ANSWERS.jsonl",
+                        help="answer file in LLaVA-Med's format (default <data>/runs/<run id>/answers.jsonl)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from hscr.config import EvalConfig, load_config
+    from hscr.errors import HSCRError
+    from hscr.evaluate import format_table, load_adapter, metrics_table, run_evaluation
+    from hscr.models import load_vlm
+    from hscr.store import Store
+
+    config = load_config(EvalConfig, args.config, args.overrides)
+    if args.limit is not None and args.limit < 1:
+        raise HSCRError(f"invalid --limit {args.limit}: expected a positive integer")
+    vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
+    if args.adapter:
+        vlm = load_adapter(vlm, args.adapter)
+    with Store(args.db) as store:
+        summary = run_evaluation(
+            vlm, store, args.dataset, split=args.split, limit=args.limit, adapter_name=args.adapter,
+            config=config, answers_path=args.output,
+        )
+        table = metrics_table(store, [summary["eval_run_id"]])
+    for message in summary["errors"]:
+        print(f"error: {message}")
+    print(
+        f"evaluation {summary['eval_run_id']}: {summary['processed']} samples answered, "
+        f"{summary['skipped']} already answered, {len(summary['errors'])} errors"
+    )
+    print(format_table(table))
+    print(f"answers: {summary['answers']}")
+    print(f"references: {summary['references']}")
+    if args.json:
+        print(json.dumps({**summary, "model": args.model, "adapter": args.adapter, "dataset": args.dataset,
+                          "split": args.split}))
+    return 1 if summary["errors"] else 0
