@@ -1,24 +1,45 @@
-"""Shared pieces of the importers: the report, answer normalization and image caching."""
+"""Shared pieces of the importers: rows, answer cleaning, image caching and the ingest loop.
+
+A format module turns its files into :class:`SourceRow` objects and hands them to
+:func:`ingest`, which cleans the text, loads each image once, writes one transaction per row and
+fills the :class:`ImportReport` (counts, duplicates, leaks between splits, one line per problem).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-from hscr.errors import DataError
-from hscr.images import load_image_file
+from tqdm import tqdm
+
+from hscr.errors import DataError, HSCRError
+from hscr.images import load_any, load_image_bytes
 from hscr.store import Store
 
+logger = logging.getLogger(__name__)
+
 YES_NO = {"yes", "no"}
+# Closed-question answers of the Chinese SLAKE split (yes/no, contains/does not contain, has/has not, can/cannot).
+CHINESE_YES_NO = {"是", "是的", "不是", "否", "包含", "不包含", "有", "没有", "可以", "不可以"}
+TRAIN_SPLITS = ("train",)
+TEST_SPLITS = ("test",)
+# Zip members above this size are rejected before they are read (a zip bomb guard).
+MAX_MEMBER_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
 class ImportOptions:
     name: str | None = None
     split: str = "train"
-    lang: str = "en"
+    lang: str | None = None                # en, zh, all; None means the format's default
+    image_root: Path | None = None         # overrides the detected image folder
+    progress: bool = False
 
 
 @dataclass
@@ -26,9 +47,11 @@ class ImportReport:
     """What an import did; ``to_json`` is the last line of ``import --json``."""
 
     dataset: str
+    layout: str = ""
     imported: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     skipped: int = 0
+    filtered: int = 0                      # rows of a language that ``--lang`` left out
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -39,18 +62,63 @@ class ImportReport:
     def ok(self) -> bool:
         return not self.errors
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "layout": self.layout,
+            "imported": self.imported,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "filtered": self.filtered,
+            "warnings": self.warnings,
+            "errors": self.errors,
+        }
+
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "dataset": self.dataset,
-                "imported": self.imported,
-                "duplicates": self.duplicates,
-                "skipped": self.skipped,
-                "warnings": self.warnings,
-                "errors": self.errors,
-            },
-            ensure_ascii=False,
-        )
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+@dataclass
+class ImageSource:
+    """Where a row's image comes from: a file, or bytes read on demand (Parquet cell, zip member)."""
+
+    name: str                              # shown in messages and leak warnings
+    path: Path | None = None
+    reader: Callable[[], bytes] | None = None
+    frame: int = 0
+    stable_key: str | None = None          # unique name of a reader's bytes (zip member), if any
+
+    @property
+    def key(self) -> str | None:
+        """A name that always refers to the same bytes, or None (Parquet cells)."""
+        return str(self.path) if self.path is not None else self.stable_key
+
+    def exists(self) -> bool:
+        return self.reader is not None or (self.path is not None and self.path.is_file())
+
+    def read_bytes(self) -> bytes:
+        if self.reader is not None:
+            return self.reader()
+        assert self.path is not None
+        return self.path.read_bytes()
+
+
+@dataclass
+class SourceRow:
+    """One question as the dataset file holds it, before cleaning."""
+
+    where: str                             # names the file and record for messages
+    split: str
+    image: ImageSource | None
+    question: Any
+    answer: Any
+    answer_type: Any = None
+    lang: str = "en"
+    source_id: str | None = None
+    modality: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    missing_reason: str | None = None      # why ``image`` is None
+    allow_empty_answer: bool = False       # question files: the model's own answer can serve as y_w
 
 
 def clean_text(value: Any) -> str:
@@ -62,44 +130,367 @@ def clean_text(value: Any) -> str:
     return " ".join(str(value).split())
 
 
+def clean_answer(value: Any) -> str:
+    """Clean an answer: whitespace collapsed, one trailing period dropped, yes/no lowercased.
+
+    Other answers keep their case and commas, so multi-part answers stay as the dataset wrote them.
+    """
+    text = clean_text(value)
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1].rstrip()
+    if text.lower() in YES_NO:
+        text = text.lower()
+    return text
+
+
+def is_yes_no(answer: str) -> bool:
+    text = answer.strip().rstrip(".").strip()
+    return text.lower() in YES_NO or text in CHINESE_YES_NO
+
+
 def infer_answer_type(answer: str, given: Any = None) -> str:
     """Return 'closed' or 'open' from a dataset's field, else closed when the answer is yes/no."""
     if given is not None and str(given).strip():
         text = str(given).strip().lower()
-        if text in ("closed", "yes/no", "close"):
+        if text in ("closed", "yes/no", "close", "yes_no", "yesno"):
             return "closed"
         if text in ("open", "other"):
             return "open"
-    return "closed" if answer.strip().rstrip(".").lower() in YES_NO else "open"
+    return "closed" if is_yes_no(answer) else "open"
 
 
-class ImageCache:
-    """Load each source image file once per import and store it content-addressed."""
-
-    def __init__(self, store: Store):
-        self.store = store
-        self._ids: dict[Path, str] = {}
-
-    def image_id(self, path: Path, cursor=None, modality: str | None = None) -> str:
-        path = Path(path)
-        if path in self._ids:
-            return self._ids[path]
-        loaded = load_image_file(path)
-        image_id = self.store.add_image(
-            loaded.png_bytes(),
-            loaded.image.width,
-            loaded.image.height,
-            modality=modality or loaded.modality,
-            source_format=loaded.source_format,
-            meta=loaded.meta,
-            cursor=cursor,
-        )
-        self._ids[path] = image_id
-        return image_id
+def normalize_split(name: str) -> str:
+    """Map split spellings (validate, val, dev) to train / validation / test."""
+    text = name.strip().lower()
+    if text in ("val", "valid", "validate", "validation", "dev"):
+        return "validation"
+    if text in ("train", "training", "trainset"):
+        return "train"
+    if text in ("test", "testing", "testset"):
+        return "test"
+    return text
 
 
-def require_dir(path: Path, fmt: str) -> Path:
+def require_path(path: Path, fmt: str) -> Path:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{fmt} dataset path not found: {path}")
     return path
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, turning decoding problems into a DataError that names the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not valid UTF-8 (byte {exc.start}); save it as UTF-8 and import again") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+def read_json_records(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON array of objects."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path} must contain a JSON array of records, found {type(data).__name__}")
+    return data
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """Read JSON Lines; a bad line raises naming the line number."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not valid UTF-8 (byte {exc.start}); save it as UTF-8 and import again") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
+    return records
+
+
+def first_record(path: Path) -> dict[str, Any] | None:
+    """Return the first object of a JSON array or JSON Lines file, or None; for layout detection."""
+    try:
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8-sig") as handle:
+                for line in handle:
+                    if line.strip():
+                        record = json.loads(line)
+                        return record if isinstance(record, dict) else None
+            return None
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        return data[0]
+    return None
+
+
+def zip_member_reader(archive: Path, member: str) -> Callable[[], bytes]:
+    """Return a function that reads one member of a zip file, refusing oversized members."""
+
+    def read() -> bytes:
+        with zipfile.ZipFile(archive) as zipped:
+            info = zipped.getinfo(member)
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise DataError(f"{archive}:{member} unpacks to {info.file_size:,} bytes, over the {MAX_MEMBER_BYTES:,} limit")
+            return zipped.read(member)
+
+    return read
+
+
+class ImageCache:
+    """Load each source image once per import and store it content-addressed.
+
+    Ids are remembered only after the row's transaction commits, so a rolled-back row never
+    leaves a reference to an image row that does not exist.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._committed: dict[str, str] = {}
+        self._digests: dict[str, str] = {}
+        self._pending: list[tuple[str, str]] = []
+
+    def digest(self, source: ImageSource) -> str:
+        """Return the sha256 of the source bytes, the image identity for caching and leak checks."""
+        key = source.key
+        if key is None:
+            return hashlib.sha256(source.read_bytes()).hexdigest()
+        if key not in self._digests:
+            self._digests[key] = hashlib.sha256(source.read_bytes()).hexdigest()
+        return self._digests[key]
+
+    def image_id(self, source: ImageSource, digest: str, cursor=None, modality: str | None = None) -> str:
+        cache_key = f"{digest}#{source.frame}"
+        if cache_key in self._committed:
+            return self._committed[cache_key]
+        if source.path is not None:
+            loaded = load_any(source.path, frame=source.frame)
+        else:
+            loaded = load_image_bytes(source.read_bytes(), source.name, frame=source.frame)
+        image_id = self.store.add_image(
+            loaded.png_bytes(),
+            loaded.image.width,
+            loaded.image.height,
+            modality=loaded.modality or modality,
+            source_format=loaded.source_format,
+            meta=loaded.meta,
+            cursor=cursor,
+        )
+        self._pending.append((cache_key, image_id))
+        return image_id
+
+    def commit(self) -> None:
+        self._committed.update(self._pending)
+        self._pending.clear()
+
+    def rollback(self) -> None:
+        self._pending.clear()
+
+
+def lang_filter(option: str | None, default: str) -> set[str] | None:
+    """Return the languages to keep, or None for all."""
+    value = option or default
+    return None if value == "all" else {value}
+
+
+def ingest(
+    store: Store,
+    dataset: str,
+    rows: Iterable[SourceRow],
+    report: ImportReport,
+    languages: set[str] | None = None,
+    progress: bool = False,
+) -> ImportReport:
+    """Write rows into the store, one transaction per row, and record every problem in ``report``.
+
+    Rows of languages outside ``languages`` are not imported but still count for the leak check,
+    because an image in one language's training split leaks into the other language's test split.
+    """
+    images = ImageCache(store)
+    split_images: dict[str, dict[str, str]] = {}           # split -> image digest -> image name
+    split_pairs: dict[str, set[tuple[str, str]]] = {}      # split -> (digest, question)
+    answers: dict[str, tuple[str, str]] = {}                # sample id -> (answer, where)
+    seen_languages: set[str] = set()
+
+    for row in tqdm(rows, desc=f"import {dataset}", unit="row", disable=not progress):
+        digest = None
+        if row.image is not None and row.image.exists():
+            try:
+                digest = images.digest(row.image)
+            except (OSError, HSCRError):
+                digest = None
+        question = clean_text(row.question)
+        if digest is not None:
+            split_images.setdefault(row.split, {})[digest] = row.image.name
+            split_pairs.setdefault(row.split, set()).add((digest, question.lower()))
+
+        seen_languages.add(row.lang)
+        if languages is not None and row.lang not in languages:
+            report.filtered += 1
+            continue
+
+        answer = clean_answer(row.answer)
+        empty = [name for name, value in (("question", question), ("answer", answer)) if not value]
+        if row.allow_empty_answer and empty == ["answer"]:
+            empty = []
+        if empty:
+            report.errors.append(f"{row.where}: empty {' and '.join(empty)}; row skipped")
+            report.skipped += 1
+            continue
+        if row.image is None or digest is None:
+            reason = row.missing_reason or (
+                f"image file {row.image.name!r} not found" if row.image is not None else "no image given"
+            )
+            if row.image is not None and row.image.exists():
+                reason = f"image {row.image.name!r} cannot be read"
+            report.errors.append(f"{row.where}: {reason}; row skipped")
+            report.skipped += 1
+            continue
+
+        meta = dict(row.meta)
+        raw_answer = row.answer if isinstance(row.answer, str) else json.dumps(row.answer, ensure_ascii=False)
+        if raw_answer != answer:
+            meta["answer_raw"] = raw_answer
+        answer_type = infer_answer_type(answer, row.answer_type)
+        try:
+            with store.transaction() as cur:
+                image_id = images.image_id(row.image, digest, cursor=cur, modality=row.modality)
+                sample_id, inserted = store.add_sample(
+                    dataset, row.split, image_id, question, answer, answer_type,
+                    lang=row.lang, source_id=row.source_id, meta=meta, cursor=cur,
+                )
+        except HSCRError as exc:
+            images.rollback()
+            report.errors.append(f"{row.where}: {exc}; row skipped")
+            report.skipped += 1
+            continue
+        images.commit()
+
+        if inserted:
+            report.count(row.split)
+            answers[sample_id] = (answer, row.where)
+            continue
+        report.duplicates += 1
+        first = answers.get(sample_id)
+        if first is not None and first[0].lower() != answer.lower():
+            report.warnings.append(
+                f"{row.where}: same image and question as {first[1]} but answer {answer!r} instead of "
+                f"{first[0]!r}; kept the first"
+            )
+
+    report.warnings.extend(_leak_warnings(split_images, split_pairs, across_languages=len(seen_languages) > 1))
+    if not report.imported and not report.duplicates and not report.errors and not report.filtered:
+        report.warnings.append("no rows found to import")
+    return report
+
+
+def _leak_warnings(
+    split_images: dict[str, dict[str, str]], split_pairs: dict[str, set[tuple[str, str]]], across_languages: bool
+) -> list[str]:
+    """Warn about test images (and image-question pairs) that also occur in a training split."""
+    messages = []
+    for test in [s for s in split_images if s in TEST_SPLITS]:
+        for train in [s for s in split_images if s in TRAIN_SPLITS]:
+            shared = sorted(split_images[test][digest] for digest in split_images[test].keys() & split_images[train].keys())
+            if shared:
+                scope = " of any language" if across_languages else ""
+                messages.append(
+                    f"{len(shared)} image(s) of the {test} split also occur in the {train} split{scope}, "
+                    f"so a model trained on {train} has seen them: {', '.join(shared)}"
+                )
+            pairs = split_pairs.get(test, set()) & split_pairs.get(train, set())
+            if pairs:
+                messages.append(
+                    f"{len(pairs)} (image, question) pair(s) of the {test} split also occur in the {train} split"
+                )
+    return messages
+
+
+def find_image_dir(root: Path, candidates: Iterable[str], override: Path | None = None) -> Path:
+    """Return the first existing candidate folder under ``root`` (or ``override``), else ``root``."""
+    if override is not None:
+        if not Path(override).is_dir():
+            raise DataError(f"image folder not found: {override}")
+        return Path(override)
+    for name in candidates:
+        folder = root / name
+        if folder.is_dir():
+            return folder
+    return root
+
+
+def safe_join(folder: Path, name: str) -> Path | None:
+    """Join an image name from a data file to its folder; None when it points outside the folder."""
+    name = name.strip().replace("\\", "/")
+    if not name:
+        return None
+    resolved = (folder / name).resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        return None
+    return resolved
+
+
+_SPLIT_FROM_FILE = re.compile(r"^(?P<split>[a-z]+)[-_.]", re.IGNORECASE)
+
+
+def split_from_filename(name: str) -> str | None:
+    """Return the split named by a Hugging Face Parquet shard such as ``train-00000-of-00001.parquet``."""
+    match = _SPLIT_FROM_FILE.match(name)
+    return normalize_split(match.group("split")) if match else None
+
+
+def parquet_rows(
+    files: list[Path], fmt: str, batch_size: int = 64
+) -> Iterable[tuple[Path, str, int, dict[str, Any]]]:
+    """Yield (file, split, row number, record) from Hugging Face Parquet shards, batch by batch."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        split = split_from_filename(path.name)
+        if split is None:
+            raise DataError(f"cannot tell the split of {path}: expected a name like train-00000-of-00001.parquet")
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError subclasses that vary by version
+            raise DataError(f"{path} is not a readable Parquet file ({exc}); download it again") from None
+        columns = set(parquet.schema_arrow.names)
+        missing = [name for name in ("image", "question", "answer") if name not in columns]
+        if missing:
+            raise DataError(f"{path} lacks the column(s) {', '.join(missing)} of the {fmt} Hugging Face copy")
+        number = 0
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=["image", "question", "answer"]):
+            for record in batch.to_pylist():
+                yield path, split, number, record
+                number += 1
+
+
+def parquet_image(record: dict[str, Any], where: str) -> tuple[ImageSource | None, str | None]:
+    """Return the image of a Hugging Face ``Image`` cell (a dict of bytes and path)."""
+    cell = record.get("image")
+    if isinstance(cell, dict) and cell.get("bytes"):
+        data = cell["bytes"]
+        name = cell.get("path") or where
+        return ImageSource(name=str(name), reader=lambda: data), None
+    if isinstance(cell, (bytes, bytearray)) and cell:
+        data = bytes(cell)
+        return ImageSource(name=where, reader=lambda: data), None
+    return None, "the image cell is empty"
+
+
+def find_parquet(path: Path) -> list[Path]:
+    """Return the Parquet shards of a Hugging Face dataset folder (``data/`` or the folder itself)."""
+    if path.is_file():
+        return [path] if path.suffix == ".parquet" else []
+    files = sorted(path.glob("data/*.parquet")) or sorted(path.glob("*.parquet"))
+    return files
