@@ -180,16 +180,22 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 # -- models with adapters ----------------------------------------------------------------------
 
 
-def load_adapter(vlm: VLM, adapter_path: str | Path) -> VLM:
-    """Wrap the model of ``vlm`` with a saved PEFT (LoRA) adapter for inference."""
-    from peft import PeftModel
-
+def check_adapter_path(adapter_path: str | Path) -> Path:
+    """Return the adapter folder, or raise when it has no ``adapter_config.json``."""
     path = Path(adapter_path)
     if not (path / "adapter_config.json").is_file():
         raise ModelLoadError(
             f"adapter not found: {path} has no adapter_config.json; pass the folder that training saved "
             "(a checkpoint folder or the final adapter folder)"
         )
+    return path
+
+
+def load_adapter(vlm: VLM, adapter_path: str | Path) -> VLM:
+    """Wrap the model of ``vlm`` with a saved PEFT (LoRA) adapter for inference."""
+    from peft import PeftModel
+
+    path = check_adapter_path(adapter_path)
     try:
         model = PeftModel.from_pretrained(vlm.model, str(path), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -235,11 +241,11 @@ def _samples_for(store: Store, dataset: str, split: str, limit: int | None) -> l
 
 
 def _question_ids(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Map sample id -> question id: the dataset's own ids when they are unique, else sample ids."""
+    """Map each prediction row's sample id -> question id: the dataset's own ids when they are unique, else sample ids."""
     source_ids = [row.get("source_id") for row in rows]
     if all(source_ids) and len(set(source_ids)) == len(source_ids):
-        return {row["id"]: str(row["source_id"]) for row in rows}
-    return {row["id"]: row["id"] for row in rows}
+        return {row["sample_id"]: str(row["source_id"]) for row in rows}
+    return {row["sample_id"]: row["sample_id"] for row in rows}
 
 
 def run_evaluation(

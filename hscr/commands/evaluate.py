@@ -34,13 +34,15 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from hscr.config import EvalConfig, load_config
     from hscr.errors import HSCRError
-    from hscr.evaluate import format_table, load_adapter, metrics_table, run_evaluation
+    from hscr.evaluate import check_adapter_path, format_table, load_adapter, metrics_table, run_evaluation
     from hscr.models import load_vlm
     from hscr.store import Store
 
     config = load_config(EvalConfig, args.config, args.overrides)
     if args.limit is not None and args.limit < 1:
         raise HSCRError(f"invalid --limit {args.limit}: expected a positive integer")
+    if args.adapter:
+        check_adapter_path(args.adapter)  # fail before the slow model load
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     if args.adapter:
         vlm = load_adapter(vlm, args.adapter)
