@@ -24,14 +24,11 @@ from hscr.images import MAX_PIXELS, LoadedImage, apply_window, full_range_window
 logger = logging.getLogger(__name__)
 
 
-class _DropPydicomRecords(logging.Filter):
-    """Drop pydicom's own log records: its warnings quote element values, patient names included."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
-logging.getLogger("pydicom").addFilter(_DropPydicomRecords())
+# pydicom's log records quote element values (patient names included) and decoder tracebacks,
+# so they stop at the "pydicom" logger instead of reaching the application's handlers.
+_pydicom_logger = logging.getLogger("pydicom")
+_pydicom_logger.addHandler(logging.NullHandler())
+_pydicom_logger.propagate = False
 
 # Non-identifying attributes copied into LoadedImage.meta, by DICOM keyword -> meta key.
 KEPT_FIELDS = {
@@ -187,7 +184,7 @@ def _packages_for(transfer_syntax: Any) -> str:
 
 
 def _render_grayscale(ds: Any, stored: np.ndarray, frame: int, monochrome1: bool, label: str) -> LoadedImage:
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    from pydicom.pixels import apply_modality_lut
 
     frame_ds = _frame_view(ds, frame)
     if stored.ndim != 2:
@@ -204,9 +201,7 @@ def _render_grayscale(ds: Any, stored: np.ndarray, frame: int, monochrome1: bool
 
     if frame_ds.get("VOILUTSequence"):
         # The VOI LUT replaces the window for the default rendering; the window stays for re-windowing.
-        lut_out = apply_voi(values.astype(np.int64), frame_ds).astype(np.float64)
-        bits = int(frame_ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
-        rendered = np.clip(np.rint(lut_out / (2**bits - 1) * 255.0), 0, 255).astype(np.uint8)
+        rendered = _apply_voi_lut(values, frame_ds.VOILUTSequence[0], ds, label)
     else:
         rendered = apply_window(values, center, width, voi_function)
     if monochrome1:
@@ -220,6 +215,30 @@ def _render_grayscale(ds: Any, stored: np.ndarray, frame: int, monochrome1: bool
         voi_function=voi_function,
         invert=monochrome1,
     )
+
+
+def _apply_voi_lut(values: np.ndarray, item: Any, ds: Any, label: str) -> np.ndarray:
+    """Map values through a VOI LUT Sequence item and scale its output bits to 0..255.
+
+    Written out here because pydicom 3.0's ``apply_voi`` indexes with the LUT's own dtype, so an
+    8-bit LUT with more than 256 entries wraps its inputs.
+    """
+    try:
+        entries, first_map, bits = (int(v) for v in item.LUTDescriptor)
+        entries = entries or 2**16
+        element = item["LUTData"]
+        if isinstance(element.value, (bytes, bytearray)):
+            little = ds.original_encoding[1] is not False
+            lut = np.frombuffer(element.value, dtype="<u2" if little else ">u2")[:entries]
+        else:
+            lut = np.asarray(list(element.value), dtype=np.float64)[:entries]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise DataError(f"DICOM file {label} has an invalid VOI LUT Sequence; remove it or fix LUTDescriptor/LUTData") from None
+    if not 1 <= bits <= 16 or lut.size == 0:
+        raise DataError(f"DICOM file {label} has an invalid VOI LUT ({bits} bits, {lut.size} entries)")
+    index = np.clip(np.rint(values).astype(np.int64) - first_map, 0, lut.size - 1)
+    output = lut.astype(np.float64)[index]
+    return np.clip(np.rint(output / (2**bits - 1) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _render_colour(ds: Any, stored: np.ndarray, photometric: str) -> Image.Image:

@@ -309,17 +309,35 @@ def write_llava_med(root: Path) -> Path:
 # -- folder with DICOM -----------------------------------------------------------------------------
 
 
-def write_dicom_folder(root: Path, dicom_names: list[str]) -> Path:
-    """A folder with pydicom test DICOMs, one PNG, and a samples.csv asking one question per file."""
+def write_dicom_folder(root: Path, dicom_names: list[str], frames: dict[str, int] | None = None) -> Path:
+    """A folder with pydicom test DICOMs, one PNG, and a samples.csv asking one question per file.
+
+    ``frames`` picks the frame of multi-frame files (column ``frame``).
+    """
     from pydicom.data import get_testdata_file
 
+    frames = frames or {}
     folder = root / "dicom-folder"
     folder.mkdir(parents=True, exist_ok=True)
-    lines = ["image,question,answer,split"]
+    lines = ["image,question,answer,split,frame"]
     for index, name in enumerate(dicom_names):
         shutil.copy(get_testdata_file(name), folder / name)
-        lines.append(f"{name},What modality is image {index}?,answer {index},train")
+        lines.append(f"{name},What modality is image {index}?,answer {index},train,{frames.get(name, 0)}")
     Image.fromarray(np.full((16, 16), 7, dtype=np.uint8)).save(folder / "plain.png")
-    lines.append("plain.png,Is this plain?,Yes,test")
+    lines.append("plain.png,Is this plain?,Yes,test,")
     (folder / "samples.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+def run_import(*argv: str) -> tuple[int, dict, str, str]:
+    """Run ``python -m hscr import ...`` in this process; return (exit code, JSON report, stdout, stderr)."""
+    import contextlib
+
+    from hscr.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["import", *argv, "--json"])
+    lines = out.getvalue().strip().splitlines()
+    report = json.loads(lines[-1]) if lines else {}
+    return code, report, out.getvalue(), err.getvalue()
