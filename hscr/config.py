@@ -95,6 +95,8 @@ class TrainConfig:
     save_steps: int = field(default=50, metadata={"help": "checkpoint every this many optimizer steps"})
     logging_steps: int = field(default=1, metadata={"help": "write metrics every this many optimizer steps"})
     seed: int = field(default=0, metadata={"help": "seed for LoRA init, dropout and data order"})
+    shared_prefix: bool = field(default=True, metadata={"help": "score all answers of a sample in one packed forward over a shared image + prompt prefix (false: one sequence per answer)"})
+    save_total_limit: int = field(default=2, metadata={"help": "keep this many newest checkpoints"})
 
     def __post_init__(self) -> None:
         _check_range("gamma", self.gamma, 1e-6, 100.0)
@@ -111,6 +113,7 @@ class TrainConfig:
         _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
         _check_positive("save_steps", self.save_steps)
         _check_positive("logging_steps", self.logging_steps)
+        _check_positive("save_total_limit", self.save_total_limit)
 
 
 @dataclass
