@@ -130,13 +130,18 @@ def clean_text(value: Any) -> str:
     return " ".join(str(value).split())
 
 
+# Short answers (VQA labels such as "yes." or "left lung.") lose a trailing period; longer,
+# sentence-style answers (LLaVA-Med conversations) keep it because it is part of the response.
+SHORT_ANSWER_WORDS = 5
+
+
 def clean_answer(value: Any) -> str:
-    """Clean an answer: whitespace collapsed, one trailing period dropped, yes/no lowercased.
+    """Clean an answer: whitespace collapsed, a short answer's trailing period dropped, yes/no lowercased.
 
     Other answers keep their case and commas, so multi-part answers stay as the dataset wrote them.
     """
     text = clean_text(value)
-    if text.endswith(".") and not text.endswith(".."):
+    if text.endswith(".") and not text.endswith("..") and len(text.split()) <= SHORT_ANSWER_WORDS:
         text = text[:-1].rstrip()
     if text.lower() in YES_NO:
         text = text.lower()
@@ -359,9 +364,8 @@ def ingest(
             continue
 
         meta = dict(row.meta)
-        raw_answer = row.answer if isinstance(row.answer, str) else json.dumps(row.answer, ensure_ascii=False)
-        if raw_answer != answer:
-            meta["answer_raw"] = raw_answer
+        if not isinstance(row.answer, str) or row.answer != answer:
+            meta["answer_raw"] = row.answer  # as the file wrote it: "Yes.", " no", or the integer 4
         answer_type = infer_answer_type(answer, row.answer_type)
         try:
             with store.transaction() as cur:
