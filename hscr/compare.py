@@ -48,7 +48,7 @@ def compare_runs(store: Store, base_run: str, other_run: str, protocol: str = "s
     Returns ``samples`` (one dict per shared sample: sample_id, question, answer, answer_type,
     base_text, other_text, base_score, other_score, outcome), ``counts`` of the outcomes overall
     and per answer type, ``mcnemar`` (b, c, n and p_value over closed questions), and how many
-    samples only one run answered. Strict is the default because the paper protocol credits
+    samples only one run answered. Strict is the default because the "paper" protocol credits
     "normal" as "no" and so counts changes that are not real.
     """
     if protocol not in PROTOCOLS:
