@@ -75,6 +75,7 @@ def test_folder_bad_rows_reported_rest_imported(tmp_path: Path):
         "good.png,is it  dark?,yes,\n",
         encoding="utf-8",
     )
+
     db = tmp_path / "db.duckdb"
     code, report, _, _ = run_import("folder", str(folder), "--db", str(db))
     assert code == 1
@@ -87,6 +88,7 @@ def test_folder_bad_rows_reported_rest_imported(tmp_path: Path):
         f"samples.csv line 5: image path '../outside.png' points outside {folder}; row skipped",
         "samples.csv line 6: empty answer; row skipped",
     ]
+
     with Store(db) as store:
         rows = {row["question"]: row for row in store.samples()}
         image_count = store.query("SELECT count(*) AS n FROM images")[0]["n"]

@@ -19,8 +19,8 @@ def test_folder_of_files(tmp_path: Path):
     code, report, _, _ = run_import("llava-med", str(write_llava_med(tmp_path)), "--db", str(db))
     assert code == 0
     assert report["layout"] == "eval,instruct,questions"
-    # Instruction pairs: 2 + 1; test: q1, q2 from the ground truth and q9 from the question file;
-    # the question file's q1 repeats the ground-truth q1 and is merged.
+    # Train has the three instruction turn pairs. Test has q1 and q2 from the ground truth and q9
+    # from the question file. The question file's q1 repeats the ground-truth q1, so it is merged.
     assert report["imported"] == {"train": 3, "test": 3}
     assert report["duplicates"] == 1
     assert "answers.jsonl is a model answer file, not ground truth; skipped" in report["warnings"]

@@ -29,9 +29,9 @@ def test_original_layout(tmp_path: Path):
     ]
     with Store(db) as store:
         samples = {row["question"]: row for row in store.samples()}
-    shown = samples["What does this image show?"]
-    assert shown["source_id"] == "101"
-    assert shown["answer_type"] == "open"
+    described = samples["What does this image show?"]
+    assert described["source_id"] == "101"
+    assert described["answer_type"] == "open"
     assert samples["Is this tissue necrotic?"]["answer_type"] == "closed"
     # No vqa pickle entry: closed is inferred from the yes/no answer.
     assert samples["Are the cells stained?"]["answer_type"] == "closed"

@@ -44,7 +44,7 @@ class ImportOptions:
 
 @dataclass
 class ImportReport:
-    """What an import did; ``to_json`` is the last line of ``import --json``."""
+    """Counts, warnings and errors of one import; ``to_json`` is the last line of ``import --json``."""
 
     dataset: str
     layout: str = ""
@@ -80,7 +80,7 @@ class ImportReport:
 
 @dataclass
 class ImageSource:
-    """Where a row's image comes from: a file, or bytes read on demand (Parquet cell, zip member)."""
+    """The source of a row's image: a file, or bytes read on demand (Parquet cell, zip member)."""
 
     name: str                              # shown in messages and leak warnings
     path: Path | None = None
@@ -105,7 +105,7 @@ class ImageSource:
 
 @dataclass
 class SourceRow:
-    """One question as the dataset file holds it, before cleaning."""
+    """One question as the dataset file contains it, before cleaning."""
 
     where: str                             # names the file and record for messages
     split: str
@@ -396,6 +396,10 @@ def ingest(
     report.warnings.extend(_leak_warnings(split_images, split_pairs, across_languages=len(seen_languages) > 1))
     if not report.imported and not report.duplicates and not report.errors and not report.filtered:
         report.warnings.append("no rows found to import")
+    logger.info(
+        "import into %s: %s new, %d duplicates, %d skipped, %d errors",
+        dataset, report.imported, report.duplicates, report.skipped, len(report.errors),
+    )
     return report
 
 

@@ -84,7 +84,7 @@ def import_path(store: Store, path: Path, options: ImportOptions) -> ImportRepor
     files = _data_files(path)
     usable = {file: kind for file, kind in files.items() if kind != "answers"}
     if not usable:
-        raise DataError(f"{path} holds no LLaVA-Med data: expected {EXPECTED}")
+        raise DataError(f"no LLaVA-Med data found in {path}: expected {EXPECTED}")
     report = ImportReport(dataset=options.name or DEFAULT_NAME, layout=",".join(sorted(set(usable.values()))))
     for file, kind in files.items():
         if kind == "answers":

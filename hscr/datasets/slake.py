@@ -45,7 +45,7 @@ CORE_KEYS = {"qid", "img_name", "question", "answer", "answer_type", "q_lang", "
 
 
 def detect(path: Path) -> str | None:
-    """Return 'original' or 'huggingface' when ``path`` holds SLAKE split files, else None."""
+    """Return 'original' or 'huggingface' when ``path`` contains SLAKE split files, else None."""
     path = Path(path)
     if not path.is_dir():
         return None
