@@ -112,8 +112,8 @@ def word_spans(answer_ids: Sequence[int], scores: Sequence[float], info: VocabIn
         if not group:
             continue
         head = answer_ids[group[0]]
-        # A bare marker (SentencePiece's lone ``▁`` before pieces it has no merged form for) belongs
-        # to the word after it; any other leading punctuation makes the group unreplaceable.
+        # SentencePiece writes a lone ``▁`` before a word that has no merged first piece, so that
+        # marker belongs to the word after it. Any other leading punctuation rules the group out.
         if not bool(info.wordlike[head]) and not (bool(info.bare_marker[head]) and len(group) > 1
                                                    and bool(info.wordlike[answer_ids[group[1]]])):
             continue

@@ -24,7 +24,7 @@ class EncodedPrompts:
 
 
 class FamilyAdapter:
-    """How one model family lays out image tokens and runs its language model."""
+    """The image-token layout and language-model call of one model family."""
 
     name = "base"
     architectures: tuple[str, ...] = ()
