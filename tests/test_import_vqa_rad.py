@@ -60,6 +60,7 @@ class TestOsf:
         meta = json.loads(samples["8"]["meta_json"])
         assert meta["image_organ"] == "ABD"
         assert meta["phrase_type"] == "para"
+        assert meta["image_name"] == "synpic3.jpg"
 
     def test_reimport_adds_nothing(self, tmp_path: Path):
         folder = write_vqa_rad_osf(tmp_path)

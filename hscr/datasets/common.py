@@ -14,12 +14,12 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
 from hscr.errors import DataError, HSCRError
-from hscr.images import load_any, load_image_bytes
+from hscr.images import LoadedImage, load_any, load_image_bytes
 from hscr.store import Store
 
 logger = logging.getLogger(__name__)
@@ -253,6 +253,22 @@ def zip_member_reader(archive: Path, member: str) -> Callable[[], bytes]:
     return read
 
 
+def add_loaded_image(store: Store, loaded: LoadedImage, cursor=None, modality: str | None = None) -> str:
+    """Store a decoded image (its default rendering as PNG, plus non-identifying meta); return its id.
+
+    ``modality`` is used when the image itself names none (raster files).
+    """
+    return store.add_image(
+        loaded.png_bytes(),
+        loaded.image.width,
+        loaded.image.height,
+        modality=loaded.modality or modality,
+        source_format=loaded.source_format,
+        meta=loaded.meta,
+        cursor=cursor,
+    )
+
+
 class ImageCache:
     """Load each source image once per import and store it content-addressed.
 
@@ -283,15 +299,7 @@ class ImageCache:
             loaded = load_any(source.path, frame=source.frame)
         else:
             loaded = load_image_bytes(source.read_bytes(), source.name, frame=source.frame)
-        image_id = self.store.add_image(
-            loaded.png_bytes(),
-            loaded.image.width,
-            loaded.image.height,
-            modality=loaded.modality or modality,
-            source_format=loaded.source_format,
-            meta=loaded.meta,
-            cursor=cursor,
-        )
+        image_id = add_loaded_image(self.store, loaded, cursor=cursor, modality=modality)
         self._pending.append((cache_key, image_id))
         return image_id
 
@@ -458,10 +466,11 @@ def split_from_filename(name: str) -> str | None:
     return normalize_split(match.group("split")) if match else None
 
 
-def parquet_rows(
-    files: list[Path], fmt: str, batch_size: int = 64
-) -> Iterable[tuple[Path, str, int, dict[str, Any]]]:
-    """Yield (file, split, row number, record) from Hugging Face Parquet shards, batch by batch."""
+def parquet_source_rows(files: list[Path], fmt: str, batch_size: int = 64) -> Iterator[SourceRow]:
+    """Yield rows of Hugging Face Parquet shards (columns image, question, answer), batch by batch.
+
+    The split comes from the shard name; the source id is ``<shard>:<row number>``.
+    """
     import pyarrow.parquet as pq
 
     for path in files:
@@ -479,7 +488,17 @@ def parquet_rows(
         number = 0
         for batch in parquet.iter_batches(batch_size=batch_size, columns=["image", "question", "answer"]):
             for record in batch.to_pylist():
-                yield path, split, number, record
+                where = f"{path.name} row {number}"
+                image, reason = parquet_image(record, where)
+                yield SourceRow(
+                    where=where,
+                    split=split,
+                    image=image,
+                    question=record.get("question"),
+                    answer=record.get("answer"),
+                    source_id=f"{path.name}:{number}",
+                    missing_reason=reason,
+                )
                 number += 1
 
 

@@ -126,7 +126,7 @@ def _conversation_rows(
     if not pairs:
         yield SourceRow(where=where, split=split, image=image, question=None, answer=None, missing_reason=reason)
         return
-    meta: dict[str, Any] = {"kind": kind}
+    meta: dict[str, Any] = {"kind": kind, "image": record.get("image")}
     if isinstance(record.get("domain"), dict):
         meta["domain"] = [name for name, flag in record["domain"].items() if flag]
     record_id = None if record.get("id") is None else str(record["id"])
@@ -187,7 +187,7 @@ def _question_rows(file: Path, image_dir: Path, truth: dict[str, str], report: I
             question=question,
             answer=answer or "",
             source_id=None if question_id is None else str(question_id),
-            meta={"kind": "questions", "has_answer": answer is not None},
+            meta={"kind": "questions", "image": record.get("image"), "has_answer": answer is not None},
             missing_reason=reason,
             allow_empty_answer=True,
         )

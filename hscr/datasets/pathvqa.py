@@ -28,8 +28,7 @@ from hscr.datasets.common import (
     ingest,
     lang_filter,
     normalize_split,
-    parquet_image,
-    parquet_rows,
+    parquet_source_rows,
     require_path,
     safe_join,
 )
@@ -89,7 +88,7 @@ def import_path(store: Store, path: Path, options: ImportOptions) -> ImportRepor
         raise DataError(f"{path} is not a PathVQA dataset: expected {EXPECTED}")
     report = ImportReport(dataset=options.name or DEFAULT_NAME, layout=layout)
     if layout == "parquet":
-        rows = _parquet_rows(find_parquet(path))
+        rows = parquet_source_rows(find_parquet(path), FORMAT)
     else:
         root = _root(path)
         image_root = Path(options.image_root) if options.image_root else root / "images"
@@ -125,7 +124,7 @@ def _pickle_rows(root: Path, image_root: Path) -> Iterator[SourceRow]:
                 answer=record.get("answer"),
                 answer_type=info.get("answer_type"),
                 source_id=None if info.get("question_id") is None else str(info["question_id"]),
-                meta={key: info[key] for key in ("question_type",) if info.get(key) is not None},
+                meta={"image": stem, **{key: info[key] for key in ("question_type",) if info.get(key) is not None}},
                 missing_reason=reason,
             )
 
@@ -154,18 +153,3 @@ def _vqa_index(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
         if isinstance(record, dict) and record.get("img_id") is not None:
             index[(str(record["img_id"]).strip(), clean_text(record.get("sent")).lower())] = record
     return index
-
-
-def _parquet_rows(files: list[Path]) -> Iterator[SourceRow]:
-    for file, split, number, record in parquet_rows(files, FORMAT):
-        where = f"{file.name} row {number}"
-        image, reason = parquet_image(record, where)
-        yield SourceRow(
-            where=where,
-            split=split,
-            image=image,
-            question=record.get("question"),
-            answer=record.get("answer"),
-            source_id=f"{file.name}:{number}",
-            missing_reason=reason,
-        )

@@ -41,7 +41,8 @@ SPLIT_FILES = (
     ("validation", "validation.json"),
     ("test", "test.json"),
 )
-CORE_KEYS = {"qid", "img_name", "question", "answer", "answer_type", "q_lang", "modality"}
+# Fields stored in sample columns; the rest of each record (img_name included) goes to meta.
+CORE_KEYS = {"qid", "question", "answer", "answer_type", "q_lang", "modality"}
 
 
 def detect(path: Path) -> str | None:

@@ -24,8 +24,7 @@ from hscr.datasets.common import (
     first_record,
     ingest,
     lang_filter,
-    parquet_image,
-    parquet_rows,
+    parquet_source_rows,
     read_json_records,
     require_path,
     safe_join,
@@ -41,7 +40,8 @@ EXPECTED = (
 )
 OSF_FILE = "VQA_RAD Dataset Public.json"
 IMAGE_DIRS = ("VQA_RAD Image Folder", "images", "imgs", "VQA_RAD Images")
-CORE_KEYS = {"qid", "image_name", "question", "answer", "answer_type", "phrase_type"}
+# Fields stored in sample columns; the rest of each record (image_name included) goes to meta.
+CORE_KEYS = {"qid", "question", "answer", "answer_type", "phrase_type"}
 
 
 def detect(path: Path) -> str | None:
@@ -61,6 +61,8 @@ def detect(path: Path) -> str | None:
         if (path / name).is_file() and _looks_like_records(path / name):
             return "mevf"
     if find_parquet(path):
+        # NOTE: the VQA-RAD and PathVQA Hugging Face copies have the same columns, so a PathVQA
+        # Parquet folder passes this check too; only the split names (validation) differ.
         return "parquet"
     return None
 
@@ -82,7 +84,7 @@ def import_path(store: Store, path: Path, options: ImportOptions) -> ImportRepor
     report = ImportReport(dataset=options.name or DEFAULT_NAME, layout=layout)
     folder = path if path.is_dir() else path.parent
     if layout == "parquet":
-        rows = _parquet_rows(find_parquet(path))
+        rows = parquet_source_rows(find_parquet(path), FORMAT)
     else:
         if path.is_file():
             files = [path]
@@ -140,18 +142,3 @@ def _json_row(record: dict[str, Any], file: Path, where: str, image_dir: Path, l
         meta=meta,
         missing_reason=reason,
     )
-
-
-def _parquet_rows(files: list[Path]) -> Iterator[SourceRow]:
-    for file, split, number, record in parquet_rows(files, FORMAT):
-        where = f"{file.name} row {number}"
-        image, reason = parquet_image(record, where)
-        yield SourceRow(
-            where=where,
-            split=split,
-            image=image,
-            question=record.get("question"),
-            answer=record.get("answer"),
-            source_id=f"{file.name}:{number}",
-            missing_reason=reason,
-        )
