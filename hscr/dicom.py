@@ -111,6 +111,11 @@ def _load_frame(ds: Any, frame: int, label: str) -> LoadedImage:
     if not 0 <= frame < num_frames:
         raise DataError(f"frame {frame} is out of range for {label}: it has {num_frames} frame(s), 0..{num_frames - 1}")
 
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        raise DataError(
+            f"DICOM file {label} has BurnedInAnnotation YES, so its pixels may show patient details; "
+            "mask or crop the annotation, set BurnedInAnnotation to NO and import again"
+        )
     stored = _decode_frame(ds, frame, label)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     meta = _kept_meta(ds)

@@ -11,6 +11,7 @@ full-range pixel values and default window, so a viewer can re-window them::
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -172,7 +173,11 @@ def load_image_file(path: str | Path) -> LoadedImage:
 
 def _load_raster(handle: BinaryIO, name: str) -> LoadedImage:
     try:
-        with Image.open(handle) as opened:
+        # MAX_PIXELS is checked below, so Pillow's lower warning threshold is silenced.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(handle)
+        with opened:
             width, height = opened.size
             if width * height > MAX_PIXELS:
                 raise DataError(_too_large(name, width * height))

@@ -183,3 +183,9 @@ class TestPrivacy:
             load_dicom(get_testdata_file("badVR.dcm"))
         assert not [record for record in caplog.records if record.name.startswith("pydicom")]
         assert "Lastname" not in caplog.text
+
+
+def test_burned_in_annotation_rejected(tmp_path: Path):
+    path = _edited("MR_small.dcm", tmp_path, BurnedInAnnotation="YES")
+    with pytest.raises(DataError, match="BurnedInAnnotation YES"):
+        load_any(path)

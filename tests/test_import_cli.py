@@ -110,3 +110,10 @@ def test_name_option(tmp_path: Path):
     run_import("vqa-rad", str(write_vqa_rad_mevf(tmp_path)), "--db", str(db), "--name", "rad-mevf")
     with Store(db) as store:
         assert {row["dataset"] for row in store.samples()} == {"rad-mevf"}
+
+
+def test_language_filter_leaves_nothing(tmp_path: Path):
+    _, report, _, _ = run_import("vqa-rad", str(write_vqa_rad_mevf(tmp_path)), "--db", str(tmp_path / "db.duckdb"), "--lang", "zh")
+    assert report["imported"] == {}
+    assert report["filtered"] == 5
+    assert report["warnings"][-1] == "all 5 rows are in other languages than zh (found: en); use --lang all"

@@ -84,3 +84,4 @@ def test_missing_image_in_zip(tmp_path: Path):
     assert report["imported"] == {"train": 3, "validation": 1, "test": 1}
     assert len(report["errors"]) == 1
     assert report["errors"][0].startswith("test.json record 0 (qid 7): image 'xmlab77/source.jpg' not found in")
+

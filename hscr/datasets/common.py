@@ -402,8 +402,15 @@ def ingest(
             )
 
     report.warnings.extend(_leak_warnings(split_images, split_pairs, across_languages=len(seen_languages) > 1))
-    if not report.imported and not report.duplicates and not report.errors and not report.filtered:
-        report.warnings.append("no rows found to import")
+    if not report.imported and not report.duplicates and not report.errors:
+        if report.filtered:
+            wanted = ", ".join(sorted(languages or ()))
+            found = ", ".join(sorted(seen_languages))
+            report.warnings.append(
+                f"all {report.filtered} rows are in other languages than {wanted} (found: {found}); use --lang all"
+            )
+        else:
+            report.warnings.append("no rows found to import")
     logger.info(
         "import into %s: %s new, %d duplicates, %d skipped, %d errors",
         dataset, report.imported, report.duplicates, report.skipped, len(report.errors),
