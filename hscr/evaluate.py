@@ -454,6 +454,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
               "closed (strict)", "n open", "n closed"]
     keys = ["dataset", "split", "model", "adapter", "paper_open_recall", "paper_closed_accuracy",
             "strict_open_recall", "strict_closed_accuracy", "open_count", "closed_count"]
-    cells = [header] + [["-" if row[k] is None else str(row[k]) for k in keys] for row in rows]
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    cells = [header] + [[cell(row[k]) for k in keys] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)

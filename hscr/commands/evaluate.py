@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from hscr.config import add_config_arguments
 
@@ -32,6 +33,9 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from hscr import jobs
     from hscr.config import EvalConfig, load_config
     from hscr.errors import HSCRError
     from hscr.evaluate import check_adapter_path, format_table, load_adapter, metrics_table, run_evaluation
@@ -46,12 +50,30 @@ def main(args: argparse.Namespace) -> int:
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     if args.adapter:
         vlm = load_adapter(vlm, args.adapter)
-    with Store(args.db) as store:
-        summary = run_evaluation(
-            vlm, store, args.dataset, split=args.split, limit=args.limit, adapter_name=args.adapter,
-            config=config, answers_path=args.output,
+    bar = tqdm(desc="evaluate", unit="sample")
+    started = time.monotonic()
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        elapsed = time.monotonic() - started
+        jobs.report_progress(
+            fraction=done / total if total else 1.0,
+            step=done,
+            total=total,
+            eta_s=elapsed / done * (total - done) if done else None,
+            message=f"{done}/{total} samples answered",
         )
-        table = metrics_table(store, [summary["eval_run_id"]])
+
+    try:
+        with Store(args.db) as store:
+            summary = run_evaluation(
+                vlm, store, args.dataset, split=args.split, limit=args.limit, adapter_name=args.adapter,
+                progress=on_progress, config=config, answers_path=args.output,
+            )
+            table = metrics_table(store, [summary["eval_run_id"]])
+    finally:
+        bar.close()
     for message in summary["errors"]:
         print(f"error: {message}")
     print(
