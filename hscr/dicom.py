@@ -96,13 +96,13 @@ def _read_dataset(source: str | Path | BinaryIO, label: str) -> Any:
 
 
 def _load_frame(ds: Any, frame: int, label: str) -> LoadedImage:
-
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         sop = _uid_name(ds.get("SOPClassUID"))
         raise DataError(f"DICOM file {label} has no image ({sop or 'no pixel data'}); choose an image series")
     rows, columns = _int_field(ds, "Rows", label), _int_field(ds, "Columns", label)
     num_frames = _num_frames(ds, label)
     samples = _int_field(ds, "SamplesPerPixel", label, default=1)
+    # One frame is decoded at a time, so the whole series may be larger than one image.
     if rows * columns * max(samples, 1) > MAX_PIXELS or rows * columns * num_frames > 8 * MAX_PIXELS:
         raise DataError(
             f"DICOM file {label} declares {rows}x{columns} pixels x {num_frames} frames, over the limit "
@@ -212,7 +212,7 @@ def _render_grayscale(ds: Any, stored: np.ndarray, frame: int, monochrome1: bool
     if monochrome1:
         rendered = 255 - rendered
     return LoadedImage(
-        image=Image.fromarray(rendered, mode="L"),
+        image=Image.fromarray(rendered),
         source_format="dicom",
         pixels=values,
         window_center=float(center),
@@ -256,7 +256,7 @@ def _render_colour(ds: Any, stored: np.ndarray, photometric: str) -> Image.Image
         bits = int(ds.get("BitsStored", 8) or 8) if photometric != "PALETTE COLOR" else 16
         top = float(2**bits - 1)
         stored = np.clip(np.rint(stored.astype(np.float64) / top * 255.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(stored), mode="RGB")
+    return Image.fromarray(np.ascontiguousarray(stored))
 
 
 def _frame_view(ds: Any, frame: int) -> Any:

@@ -120,7 +120,7 @@ def render_window(loaded: LoadedImage, center: float, width: float, invert: bool
     out = apply_window(loaded.pixels, float(center), float(width), function)
     if loaded.invert != bool(invert):
         out = 255 - out
-    return Image.fromarray(out, mode="L")
+    return Image.fromarray(out)
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def _to_8bit(image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         pixels = np.asarray(image).astype(np.float32)  # (H, W)
         center, width = full_range_window(pixels)
-        return Image.fromarray(apply_window(pixels, center, width), mode="L"), pixels
+        return Image.fromarray(apply_window(pixels, center, width)), pixels
     if image.mode == "1":
         converted = image.convert("L")
         return converted, np.asarray(converted, dtype=np.float32)

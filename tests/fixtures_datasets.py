@@ -25,7 +25,7 @@ def jpeg_bytes(seed: int, size: int = 32, mode: str = "RGB") -> bytes:
     channels = 4 if mode == "CMYK" else 3
     pixels = (rng.random((size, size, channels)) * 255).astype("uint8")
     buffer = io.BytesIO()
-    Image.fromarray(pixels, mode=mode).save(buffer, format="JPEG", quality=90)
+    Image.frombytes(mode, (size, size), pixels.tobytes()).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 

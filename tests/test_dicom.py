@@ -189,3 +189,28 @@ def test_burned_in_annotation_rejected(tmp_path: Path):
     path = _edited("MR_small.dcm", tmp_path, BurnedInAnnotation="YES")
     with pytest.raises(DataError, match="BurnedInAnnotation YES"):
         load_any(path)
+
+
+def test_functional_group_rescale_and_window(tmp_path: Path):
+    # Enhanced multi-frame objects keep rescale and window in functional group sequences.
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    del ds.WindowCenter
+    del ds.WindowWidth
+    transform, voi = Dataset(), Dataset()
+    transform.RescaleSlope = 2
+    transform.RescaleIntercept = 10
+    transform.RescaleType = "US"
+    voi.WindowCenter = 700
+    voi.WindowWidth = 900
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    shared.FrameVOILUTSequence = Sequence([voi])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+
+    loaded = load_any(path)
+    stored = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
+    assert np.array_equal(loaded.pixels, stored * 2 + 10)
+    assert (loaded.window_center, loaded.window_width) == (700.0, 900.0)
+    assert np.array_equal(np.asarray(loaded.image), apply_window(loaded.pixels, 700, 900))

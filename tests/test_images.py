@@ -32,7 +32,7 @@ def _gradient(size: int = 16) -> np.ndarray:
 def test_raster_formats_load_rgb(tmp_path: Path, suffix: str, fmt: str):
     pixels = np.stack([_gradient()] * 3, axis=-1)
     path = tmp_path / f"image{suffix}"
-    Image.fromarray(pixels, mode="RGB").save(path)
+    Image.fromarray(pixels).save(path)
     loaded = load_any(path)
     assert loaded.source_format == fmt
     assert loaded.image.mode == "RGB"
@@ -44,7 +44,7 @@ def test_raster_formats_load_rgb(tmp_path: Path, suffix: str, fmt: str):
 
 def test_grayscale_keeps_values(tmp_path: Path):
     path = tmp_path / "gray.png"
-    Image.fromarray(_gradient(), mode="L").save(path)
+    Image.fromarray(_gradient()).save(path)
     loaded = load_image_file(path)
     assert loaded.image.mode == "L"
     assert np.array_equal(np.asarray(loaded.image), _gradient())
@@ -116,7 +116,7 @@ def test_missing_file_named(tmp_path: Path):
 
 def test_frame_on_raster_rejected(tmp_path: Path):
     path = tmp_path / "gray.png"
-    Image.fromarray(_gradient(), mode="L").save(path)
+    Image.fromarray(_gradient()).save(path)
     with pytest.raises(DataError, match="no frame 2"):
         load_any(path, frame=2)
 
@@ -127,7 +127,7 @@ def test_png_bytes_drop_metadata(tmp_path: Path):
 
     info = PngImagePlugin.PngInfo()
     info.add_text("Author", "Jane Patient")
-    Image.fromarray(_gradient(), mode="L").save(path, pnginfo=info)
+    Image.fromarray(_gradient()).save(path, pnginfo=info)
     stored = load_image_file(path).png_bytes()
     assert b"Jane Patient" not in stored
     out = tmp_path / "stored.png"
@@ -139,7 +139,7 @@ def test_png_bytes_drop_metadata(tmp_path: Path):
 
 def test_image_bytes_loader(tmp_path: Path):
     path = tmp_path / "gray.png"
-    Image.fromarray(_gradient(), mode="L").save(path)
+    Image.fromarray(_gradient()).save(path)
     loaded = load_image_bytes(path.read_bytes(), "cell 3")
     assert np.array_equal(np.asarray(loaded.image), _gradient())
     with pytest.raises(DataError, match="cell 3"):
