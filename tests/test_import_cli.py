@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from fixtures_datasets import run_import, write_slake, write_vqa_rad_mevf, write_vqa_rad_osf
+from hscr.datasets.common import clean_answer, infer_answer_type, normalize_split
 from hscr.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,3 +118,44 @@ def test_language_filter_leaves_nothing(tmp_path: Path):
     assert report["imported"] == {}
     assert report["filtered"] == 5
     assert report["warnings"][-1] == "all 5 rows are in other languages than zh (found: en); use --lang all"
+
+
+def test_conflicting_duplicate_warns(tmp_path: Path):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "a.png")
+    (folder / "samples.csv").write_text(
+        "image,question,answer\na.png,Which side?,left\na.png,Which  side?,right\n", encoding="utf-8"
+    )
+    code, report, _, _ = run_import("folder", str(folder), "--db", str(tmp_path / "db.duckdb"))
+    assert code == 0
+    assert report["imported"] == {"train": 1}
+    assert report["duplicates"] == 1
+    assert report["warnings"] == [
+        "samples.csv line 3: same image and question as samples.csv line 2 but answer 'right' instead of 'left'; kept the first"
+    ]
+
+
+class TestCleaning:
+    def test_chinese_yes_no_inferred_closed(self):
+        for answer in ("是的", "不是", "包含", "不包含", "有", "没有", "可以", "不可以"):
+            assert infer_answer_type(answer) == "closed", answer
+        assert infer_answer_type("肝脏") == "open"
+
+    def test_given_type_wins(self):
+        assert infer_answer_type("Left", "CLOSED ") == "closed"
+        assert infer_answer_type("yes", "other") == "open"
+        assert infer_answer_type("no", "yes/no") == "closed"
+
+    def test_clean_answer(self):
+        assert clean_answer(" Yes. ") == "yes"
+        assert clean_answer(4) == "4"
+        assert clean_answer(2.0) == "2"
+        assert clean_answer("Liver, Spleen") == "Liver, Spleen"
+        assert clean_answer("left\tlung.") == "left lung"
+        assert clean_answer("This answer is a whole sentence of words.") == "This answer is a whole sentence of words."
+
+    def test_split_names(self):
+        assert [normalize_split(name) for name in ("validate", "val", "Validation", "train", "test")] == [
+            "validation", "validation", "validation", "train", "test",
+        ]

@@ -92,7 +92,8 @@ def test_mevf_split_from_file_names(tmp_path: Path):
 
 def test_parquet_infers_closed(tmp_path: Path):
     db = tmp_path / "db.duckdb"
-    code, report, _, _ = run_import("vqa-rad", str(write_vqa_rad_parquet(tmp_path)), "--db", str(db))
+    folder = write_vqa_rad_parquet(tmp_path)
+    code, report, _, _ = run_import("vqa-rad", str(folder), "--db", str(db))
     assert code == 0
     assert report["layout"] == "parquet"
     assert report["imported"] == {"train": 2, "test": 2}
@@ -105,6 +106,9 @@ def test_parquet_infers_closed(tmp_path: Path):
         "is the mediastinum shifted?": "closed",
         "where is the mass?": "open",
     }
+    _, again, _, _ = run_import("vqa-rad", str(folder), "--db", str(db))
+    assert again["imported"] == {}
+    assert again["duplicates"] == 5
 
 
 def test_single_json_file_path(tmp_path: Path):
