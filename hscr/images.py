@@ -41,8 +41,8 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 class LoadedImage:
     """A decoded image ready to store, with non-identifying metadata.
 
-    ``pixels`` holds the grayscale values a window applies to (for DICOM: after the modality LUT,
-    so Hounsfield units for CT), shape (H, W); it is None for colour images.
+    ``pixels`` contains the grayscale values a window applies to, shape (H, W). For DICOM these
+    are values after the modality LUT, so Hounsfield units for CT. It is None for colour images.
     """
 
     image: Image.Image                     # RGB or L, 8-bit, rendered with the default window
