@@ -1,6 +1,7 @@
 """Evaluation runs on a real DuckDB file: stored predictions, metrics, answer files, resume, CLI."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +55,10 @@ def vlm():
     return tiny_vlm()
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "hscr", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "hscr", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_predictions_stored_and_scored(store, vlm):
@@ -182,7 +185,11 @@ def test_evaluate_cli_with_and_without_adapter(tmp_path):
     plain = run_cli(*common)
     assert plain.returncode == 0, plain.stderr
     plain_summary = json.loads(plain.stdout.strip().splitlines()[-1])
-    adapted = run_cli(*common, "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "out" / "answers.jsonl"))
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "status.json").write_text("{}")
+    adapted = run_cli(*common, "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "out" / "answers.jsonl"),
+                      env={**os.environ, "HSCR_JOB_DIR": str(job_dir)})
     assert adapted.returncode == 0, adapted.stderr
     adapted_summary = json.loads(adapted.stdout.strip().splitlines()[-1])
 
@@ -191,6 +198,8 @@ def test_evaluate_cli_with_and_without_adapter(tmp_path):
     assert Path(adapted_summary["references"]).is_file()
     assert plain_summary["eval_run_id"] != adapted_summary["eval_run_id"]
     assert "evaluate" in adapted.stderr          # tqdm progress goes to stderr
+    progress = json.loads((job_dir / "status.json").read_text())["progress"]
+    assert (progress["fraction"], progress["step"], progress["total"]) == (1.0, 5, 5)
 
     with Store(db_path) as db:
         plain_rows = db.query("SELECT sample_id, text, adapter FROM predictions WHERE eval_run_id = ? ORDER BY sample_id",
