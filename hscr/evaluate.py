@@ -360,11 +360,16 @@ def run_predictions(store: Store, run_id: str) -> list[dict[str, Any]]:
     )
 
 
-def _finish_run(store: Store, run_id: str, errors: list[str]) -> dict[str, Any]:
+def run_metrics(store: Store, run_id: str) -> dict[str, Any]:
+    """Summarize a run's stored per-sample scores (see :func:`hscr.metrics.summarize`)."""
     rows = run_predictions(store, run_id)
-    metrics = summarize(
+    return summarize(
         {"answer_type": r["answer_type"], "paper": r["score_paper"], "strict": r["score_strict"]} for r in rows
     )
+
+
+def _finish_run(store: Store, run_id: str, errors: list[str]) -> dict[str, Any]:
+    metrics = run_metrics(store, run_id)
     stored = {**metrics, "errors": len(errors)}
     store.execute("UPDATE eval_runs SET metrics_json = ? WHERE id = ?", [json.dumps(stored), run_id])
     return metrics
@@ -426,10 +431,7 @@ def metrics_table(store: Store, eval_run_ids: list[str]) -> list[dict[str, Any]]
     table = []
     for run_id in eval_run_ids:
         run = _run_row(store, run_id)
-        rows = run_predictions(store, run_id)
-        metrics = summarize(
-            {"answer_type": r["answer_type"], "paper": r["score_paper"], "strict": r["score_strict"]} for r in rows
-        )
+        metrics = run_metrics(store, run_id)
         table.append(
             {
                 "eval_run_id": run_id,
