@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from hscr.config import EvalConfig, config_to_json
 from hscr.datasets.common import infer_answer_type
 from hscr.errors import DataError, HSCRError, ModelLoadError
@@ -304,10 +306,17 @@ def run_evaluation(
             ready.append(row)
             images.append(cache[row["image_id"]])
         if ready:
-            texts = greedy_generate(
-                vlm, images, [row["question"] for row in ready],
-                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-            )
+            try:
+                texts = greedy_generate(
+                    vlm, images, [row["question"] for row in ready],
+                    max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                )
+            except torch.cuda.OutOfMemoryError:
+                raise HSCRError(
+                    f"out of GPU memory while answering {len(ready)} samples at once; the {summary['processed']} "
+                    f"answers so far are stored, so run again with a smaller batch, for example "
+                    f"--set batch_size={max(1, config.batch_size // 2)}"
+                ) from None
             _write_predictions(store, run_id, vlm.name, adapter_name, ready, texts)
             summary["processed"] += len(ready)
         if bar is not None:
