@@ -179,9 +179,11 @@ def test_vocabulary_padded_with_new_tokens(converted):
     tokenizer = vlm.tokenizer
     source_vocab = original["source_vocab"]
     assert report.source_vocab_size == source_vocab
-    assert report.vocab_size % 16 == 0 and report.vocab_size >= source_vocab + 2
+    assert report.vocab_size % 16 == 0
+    assert report.vocab_size >= source_vocab + 2
     assert tokenizer.convert_tokens_to_ids("<image>") == source_vocab
-    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id == source_vocab + 1
+    assert tokenizer.pad_token == "<pad>"
+    assert tokenizer.pad_token_id == source_vocab + 1
     assert vlm.model.config.image_token_index == source_vocab
     assert vlm.model.config.text_config.vocab_size == report.vocab_size
     # New rows start at the mean of the original embeddings.

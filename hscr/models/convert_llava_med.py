@@ -3,9 +3,9 @@
 The official LLaVA-Med v1.5 release (``llava_mistral``) stores Mistral weights with the projector
 as ``model.mm_projector.{0,2}.*`` and names the CLIP tower in ``mm_vision_tower`` instead of
 shipping it. The conversion maps every source key to its Hugging Face name, loads the CLIP tower
-(``--vision-tower``, default: the name in the source config), adds ``<image>`` and ``<pad>`` to the
-tokenizer, pads the vocabulary, and writes a processor that pads images to a square with the CLIP
-mean colour before resizing, as the original preprocessing does.
+(``--vision-tower``, default: the name in the source config) and adds ``<image>`` and ``<pad>`` to
+the tokenizer and pads the vocabulary. The processor it writes pads images to a square with the
+CLIP mean colour before resizing, as the original preprocessing does.
 
     python -m hscr convert-llava-med llava-med-v1.5-mistral-7b llava-med-hf \\
         --vision-tower openai/clip-vit-large-patch14-336
@@ -52,7 +52,7 @@ KEY_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
 
 @dataclass
 class ConversionReport:
-    """What the conversion did, for the command's summary and for tests."""
+    """Summary of one conversion: the key mapping, the vision tower and the vocabulary change."""
 
     source: str
     destination: str
@@ -238,8 +238,8 @@ def _prepare_destination(dst: Path, overwrite: bool) -> None:
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
             raise HSCRError(f"{dst} exists and is not empty; choose a new folder or pass --overwrite")
-        if (dst / "config.json").is_file() is False:
-            raise HSCRError(f"{dst} does not look like a converted checkpoint; refusing to overwrite it")
+        if not (dst / "config.json").is_file():
+            raise HSCRError(f"{dst} has no config.json, so it is not a converted checkpoint and is left as it is")
 
 
 def convert_llava_med(
