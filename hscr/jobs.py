@@ -131,7 +131,7 @@ def _update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
 
 
 def _process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), to tell a reused pid apart."""
+    """Return the kernel's start time of ``pid`` (clock ticks since boot), which tells a reused pid apart."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -196,7 +196,7 @@ def new_job_id(kind: str) -> str:
 
 
 def build_command(kind: str, args: Sequence[str], num_processes: int = 1) -> list[str]:
-    """The argv of ``python -m hscr KIND ARGS``, under ``accelerate launch`` for several processes."""
+    """Build the argv of ``python -m hscr KIND ARGS``, under ``accelerate launch`` for several processes."""
     if num_processes > 1:
         return [
             sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
@@ -385,7 +385,7 @@ def wait(job_id: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, timeout_s: float 
 
 
 def tail_log(run_dir: str | Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last ``lines`` lines of the job's log (reads at most the last 64 KiB)."""
+    """Return the last ``lines`` lines of the job's log, reading at most its last 64 KiB."""
     path = Path(run_dir) / LOG_FILE
     try:
         with open(path, "rb") as handle:
@@ -470,7 +470,12 @@ def supervise(run_dir: str | Path) -> int:
         _signal_group(child.pid, signal.SIGKILL)
 
     cancelled = (run_dir / CANCEL_FILE).exists()
-    state = "cancelled" if cancelled else ("succeeded" if code == 0 else "failed")
+    if cancelled:
+        state = "cancelled"
+    elif code == 0:
+        state = "succeeded"
+    else:
+        state = "failed"
     error = None
     if state == "failed":
         error = f"exit code {code}" + (f" (signal {-code})" if code < 0 else "")

@@ -158,7 +158,7 @@ def repeated_logps(
     image_features: torch.Tensor,
     image_rows: Sequence[int],
 ) -> torch.Tensor:
-    """The same ``(B, R)`` log-probs with one sequence per answer, each repeating the prefix."""
+    """Compute the same ``(B, R)`` log-probs with one sequence per answer, each repeating the prefix."""
     num_responses = max(len(r) for r in responses)
     rows, prompts, answers, features_rows = [], [], [], []
     for sample, (prompt, sample_answers) in enumerate(zip(prompt_ids, responses)):

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -64,14 +65,8 @@ def language_model_target_regex(module_names: str) -> str:
     names = [name.strip() for name in module_names.split(",") if name.strip()]
     if not names:
         raise HSCRError("invalid lora_target_modules='': expected comma-separated module names such as q_proj,v_proj")
-    alternatives = "|".join(map(_regex_escape, names))
+    alternatives = "|".join(re.escape(name) for name in names)
     return rf"(.*\.)?language_model\..*\.({alternatives})"
-
-
-def _regex_escape(name: str) -> str:
-    import re
-
-    return re.escape(name)
 
 
 def apply_lora(model: Any, config: TrainConfig) -> Any:
@@ -175,7 +170,7 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Schedule:
-    """How optimizer steps map to samples."""
+    """Mapping from optimizer steps to sample indices, per process and micro-batch."""
 
     num_samples: int
     batch_size: int            # per process and micro-batch
@@ -342,7 +337,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 @dataclass
 class TrainResult:
-    """What a training run ended with."""
+    """Outcome of a training run."""
 
     status: str                    # "completed" or "interrupted"
     step: int
@@ -410,9 +405,9 @@ def train(
 ) -> TrainResult:
     """Train LoRA adapters on ``vlm`` with MLPO over ``rows`` and write the outputs to ``output_dir``.
 
-    ``vlm.model`` is wrapped in place (LoRA layers are injected). With ``resume`` the run continues
-    from the latest checkpoint in ``output_dir``; without it an existing checkpoint is an error, so
-    a finished or interrupted run is never overwritten by accident.
+    ``vlm.model`` is replaced by the ``PeftModel`` (LoRA layers are injected in place). With
+    ``resume`` the run continues from the latest checkpoint in ``output_dir``. Without it, an
+    existing checkpoint or adapter raises ``HSCRError``, so no run is overwritten by accident.
     """
     output_dir = Path(output_dir)
     accelerator = accelerator or make_accelerator(config, vlm.device)
@@ -435,7 +430,7 @@ def train(
     random.seed(config.seed)
     np.random.seed(config.seed)
 
-    # The number of image tokens fixes the prompt layout; one image tells it.
+    # The number of image tokens fixes the prompt layout, and encoding one image gives it.
     with torch.no_grad():
         num_image_tokens = encode_images(vlm.adapter, vlm.model, load_images([rows[0].image_path])).shape[1]
     samples = prepare_samples(rows, vlm.adapter, num_image_tokens, config.num_dispreferred)
@@ -470,7 +465,7 @@ def train(
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing keeps gradients flowing although the frozen embeddings need none.
         base = peft_model.get_base_model()
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        if hasattr(base, "activation_checkpointing_enable"):  # the name in transformers 5.25
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

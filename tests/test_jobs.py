@@ -237,3 +237,28 @@ def test_cancelled_train_job_checkpoints_and_resumes(tmp_path, monkeypatch):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 3))
+
+
+def test_jobs_command_status_and_cancel(tmp_path):
+    job = jobs.start_job("script", [], tmp_path, job_id="cli-job", command=python_job("""
+        import time
+        print("busy", flush=True)
+        time.sleep(120)
+    """))
+    wait_for(lambda: "busy" in jobs.tail_log(job.run_dir))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    listed = subprocess.run([sys.executable, "-m", "hscr", "jobs", "list", "--runs-dir", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0
+    assert "cli-job" in listed.stdout and "running" in listed.stdout
+
+    cancelled = subprocess.run([sys.executable, "-m", "hscr", "jobs", "cancel", "cli-job", "--runs-dir",
+                                str(tmp_path), "--grace", "2", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["state"] == "cancelled"
+
+    missing = subprocess.run([sys.executable, "-m", "hscr", "jobs", "status", "nope", "--runs-dir", str(tmp_path)],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 2
+    assert "error: job not found" in missing.stderr

@@ -205,3 +205,46 @@ def test_train_command_rejects_missing_data(tmp_path):
     assert done.returncode == 2
     assert "error: preference file not found" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.fixture()
+def cli(capsys):
+    from hscr.__main__ import main
+
+    def run(*args):
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_train_command_from_database(tmp_path, folder_dataset, tiny_model_dir, cli):
+    from hscr.config import GenerateConfig
+    from hscr.datasets.common import ImportOptions
+    from hscr.datasets.folder import import_path
+    from hscr.generate import run_generation
+    from hscr.models import load_vlm
+    from hscr.preferences import load_preferences, read_preferences_parquet
+    from hscr.store import Store
+
+    db_path = tmp_path / "data" / "hscr.duckdb"
+    with Store(db_path) as store:
+        import_path(store, folder_dataset, ImportOptions(name="toy"))
+        run_generation(load_vlm(tiny_model_dir, device="cpu"), store, GenerateConfig(batch_size=4), progress=False)
+        expected = load_preferences(store, split="train")
+    assert expected, "generation produced no preference rows"
+
+    code, out, err = cli("train", "--model", str(tiny_model_dir), "--db", str(db_path), "--output",
+                         str(tmp_path / "run"), "--device", "cpu", "--set", "max_steps=1", "--set", "batch_size=4",
+                         "--set", "lora_r=4")
+
+    assert code == 0, err
+    snapshot = read_preferences_parquet(tmp_path / "run" / "preferences.parquet")
+    assert [r.sample_id for r in snapshot] == [r.sample_id for r in expected]
+    # The stored reference log-probs come from generation; with LoRA B at zero the policy equals
+    # that reference at step 1 only if both tokenize and score the answers the same way.
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)

@@ -12,7 +12,7 @@ import json
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("jobs", help="list, inspect or cancel background jobs")
-    parser.add_argument("action", choices=["list", "status", "cancel"], help="what to do")
+    parser.add_argument("action", choices=["list", "status", "cancel"], help="list all jobs, show one job's status, or cancel one job")
     parser.add_argument("job_id", nargs="?", metavar="ID", help="job id (for status and cancel)")
     parser.add_argument("--runs-dir", default="data/runs", help="folder of the job folders (default data/runs)")
     parser.add_argument("--grace", type=float, default=30.0, help="cancel: seconds between SIGTERM and SIGKILL")
