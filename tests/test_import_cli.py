@@ -159,3 +159,25 @@ class TestCleaning:
         assert [normalize_split(name) for name in ("validate", "val", "Validation", "train", "test")] == [
             "validation", "validation", "validation", "train", "test",
         ]
+
+
+def test_invalid_unicode_costs_one_row(tmp_path: Path):
+    folder = write_vqa_rad_mevf(tmp_path)
+    text = (folder / "trainset.json").read_text(encoding="utf-8")
+    # A lone surrogate escape is valid JSON but cannot be stored as UTF-8: once in a question
+    # (caught while cleaning) and once in a meta field (caught by the database, which fails the
+    # batch, so its rows are written again one by one).
+    text = text.replace('"Is there an effusion?"', '"Is there an \\ud800 effusion?"')
+    text = text.replace('"image_organ": "HEAD"', '"image_organ": "HE\\udc00AD"')
+    (folder / "trainset.json").write_text(text, encoding="utf-8")
+    db = tmp_path / "db.duckdb"
+    code, report, _, _ = run_import("vqa-rad", str(folder), "--db", str(db))
+    assert code == 1
+    assert report["imported"] == {"train": 1, "test": 2}
+    assert report["skipped"] == 2
+    assert report["errors"][0] == (
+        "trainset.json record 0 (qid 11): the question is not valid Unicode (surrogates not allowed at character 12); row skipped"
+    )
+    assert report["errors"][1].startswith("trainset.json record 2 (qid 13): writing the row failed (")
+    with Store(db) as store:
+        assert sorted(row["source_id"] for row in store.samples()) == ["12", "21", "22"]

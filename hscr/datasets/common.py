@@ -1,34 +1,24 @@
-"""Shared pieces of the importers: rows, answer cleaning, image caching and the ingest loop.
+"""Shared pieces of the importers: options, report, rows, answer cleaning and file readers.
 
 A format module turns its files into :class:`SourceRow` objects and hands them to
-:func:`ingest`, which cleans the text, loads each image once, writes one transaction per row and
-fills the :class:`ImportReport` (counts, duplicates, leaks between splits, one line per problem).
+:func:`hscr.datasets.ingest.ingest`, which cleans the text, loads each image once, writes the
+rows and fills the :class:`ImportReport` (counts, duplicates, leaks, one line per problem).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from tqdm import tqdm
-
-from hscr.errors import DataError, HSCRError
-from hscr.images import LoadedImage, load_any, load_image_bytes
-from hscr.store import Store
-
-logger = logging.getLogger(__name__)
+from hscr.errors import DataError
 
 YES_NO = {"yes", "no"}
 # Closed-question answers of the Chinese SLAKE split (yes/no, contains/does not contain, has/has not, can/cannot).
 CHINESE_YES_NO = {"是", "是的", "不是", "否", "包含", "不包含", "有", "没有", "可以", "不可以"}
-TRAIN_SPLITS = ("train",)
-TEST_SPLITS = ("test",)
 # Zip members above this size are rejected before they are read (a zip bomb guard).
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
 
@@ -253,191 +243,10 @@ def zip_member_reader(archive: Path, member: str) -> Callable[[], bytes]:
     return read
 
 
-def add_loaded_image(store: Store, loaded: LoadedImage, cursor=None, modality: str | None = None) -> str:
-    """Store a decoded image (its default rendering as PNG, plus non-identifying meta); return its id.
-
-    ``modality`` is used when the image itself names none (raster files).
-    """
-    return store.add_image(
-        loaded.png_bytes(),
-        loaded.image.width,
-        loaded.image.height,
-        modality=loaded.modality or modality,
-        source_format=loaded.source_format,
-        meta=loaded.meta,
-        cursor=cursor,
-    )
-
-
-class ImageCache:
-    """Load each source image once per import and store it content-addressed.
-
-    Ids are remembered only after the row's transaction commits, so a rolled-back row never
-    leaves a reference to an image row that does not exist.
-    """
-
-    def __init__(self, store: Store):
-        self.store = store
-        self._committed: dict[str, str] = {}
-        self._digests: dict[str, str] = {}
-        self._pending: list[tuple[str, str]] = []
-
-    def digest(self, source: ImageSource) -> str:
-        """Return the sha256 of the source bytes, the image identity for caching and leak checks."""
-        key = source.key
-        if key is None:
-            return hashlib.sha256(source.read_bytes()).hexdigest()
-        if key not in self._digests:
-            self._digests[key] = hashlib.sha256(source.read_bytes()).hexdigest()
-        return self._digests[key]
-
-    def image_id(self, source: ImageSource, digest: str, cursor=None, modality: str | None = None) -> str:
-        cache_key = f"{digest}#{source.frame}"
-        if cache_key in self._committed:
-            return self._committed[cache_key]
-        if source.path is not None:
-            loaded = load_any(source.path, frame=source.frame)
-        else:
-            loaded = load_image_bytes(source.read_bytes(), source.name, frame=source.frame)
-        image_id = add_loaded_image(self.store, loaded, cursor=cursor, modality=modality)
-        self._pending.append((cache_key, image_id))
-        return image_id
-
-    def commit(self) -> None:
-        self._committed.update(self._pending)
-        self._pending.clear()
-
-    def rollback(self) -> None:
-        self._pending.clear()
-
-
 def lang_filter(option: str | None, default: str) -> set[str] | None:
     """Return the languages to keep, or None for all."""
     value = option or default
     return None if value == "all" else {value}
-
-
-def ingest(
-    store: Store,
-    dataset: str,
-    rows: Iterable[SourceRow],
-    report: ImportReport,
-    languages: set[str] | None = None,
-    progress: bool = False,
-) -> ImportReport:
-    """Write rows into the store, one transaction per row, and record every problem in ``report``.
-
-    Rows of languages outside ``languages`` are not imported but still count for the leak check,
-    because an image in one language's training split leaks into the other language's test split.
-    """
-    images = ImageCache(store)
-    split_images: dict[str, dict[str, str]] = {}           # split -> image digest -> image name
-    split_pairs: dict[str, set[tuple[str, str]]] = {}      # split -> (digest, question)
-    answers: dict[str, tuple[str, str]] = {}                # sample id -> (answer, where)
-    seen_languages: set[str] = set()
-
-    for row in tqdm(rows, desc=f"import {dataset}", unit="row", disable=not progress):
-        digest = None
-        if row.image is not None and row.image.exists():
-            try:
-                digest = images.digest(row.image)
-            except (OSError, HSCRError):
-                digest = None
-        question = clean_text(row.question)
-        if digest is not None:
-            split_images.setdefault(row.split, {})[digest] = row.image.name
-            split_pairs.setdefault(row.split, set()).add((digest, question.lower()))
-
-        seen_languages.add(row.lang)
-        if languages is not None and row.lang not in languages:
-            report.filtered += 1
-            continue
-
-        answer = clean_answer(row.answer)
-        empty = [name for name, value in (("question", question), ("answer", answer)) if not value]
-        if row.allow_empty_answer and empty == ["answer"]:
-            empty = []
-        if empty:
-            report.errors.append(f"{row.where}: empty {' and '.join(empty)}; row skipped")
-            report.skipped += 1
-            continue
-        if row.image is None or digest is None:
-            reason = row.missing_reason or (
-                f"image file {row.image.name!r} not found" if row.image is not None else "no image given"
-            )
-            if row.image is not None and row.image.exists():
-                reason = f"image {row.image.name!r} cannot be read"
-            report.errors.append(f"{row.where}: {reason}; row skipped")
-            report.skipped += 1
-            continue
-
-        meta = dict(row.meta)
-        if not isinstance(row.answer, str) or row.answer != answer:
-            meta["answer_raw"] = row.answer  # as the file wrote it: "Yes.", " no", or the integer 4
-        answer_type = infer_answer_type(answer, row.answer_type)
-        try:
-            with store.transaction() as cur:
-                image_id = images.image_id(row.image, digest, cursor=cur, modality=row.modality)
-                sample_id, inserted = store.add_sample(
-                    dataset, row.split, image_id, question, answer, answer_type,
-                    lang=row.lang, source_id=row.source_id, meta=meta, cursor=cur,
-                )
-        except HSCRError as exc:
-            images.rollback()
-            report.errors.append(f"{row.where}: {exc}; row skipped")
-            report.skipped += 1
-            continue
-        images.commit()
-
-        if inserted:
-            report.count(row.split)
-            answers[sample_id] = (answer, row.where)
-            continue
-        report.duplicates += 1
-        first = answers.get(sample_id)
-        if first is not None and first[0].lower() != answer.lower():
-            report.warnings.append(
-                f"{row.where}: same image and question as {first[1]} but answer {answer!r} instead of "
-                f"{first[0]!r}; kept the first"
-            )
-
-    report.warnings.extend(_leak_warnings(split_images, split_pairs, across_languages=len(seen_languages) > 1))
-    if not report.imported and not report.duplicates and not report.errors:
-        if report.filtered:
-            wanted = ", ".join(sorted(languages or ()))
-            found = ", ".join(sorted(seen_languages))
-            report.warnings.append(
-                f"all {report.filtered} rows are in other languages than {wanted} (found: {found}); use --lang all"
-            )
-        else:
-            report.warnings.append("no rows found to import")
-    logger.info(
-        "import into %s: %s new, %d duplicates, %d skipped, %d errors",
-        dataset, report.imported, report.duplicates, report.skipped, len(report.errors),
-    )
-    return report
-
-
-def _leak_warnings(
-    split_images: dict[str, dict[str, str]], split_pairs: dict[str, set[tuple[str, str]]], across_languages: bool
-) -> list[str]:
-    """Warn about test images (and image-question pairs) that also occur in a training split."""
-    messages = []
-    for test in [s for s in split_images if s in TEST_SPLITS]:
-        for train in [s for s in split_images if s in TRAIN_SPLITS]:
-            shared = sorted(split_images[test][digest] for digest in split_images[test].keys() & split_images[train].keys())
-            if shared:
-                scope = " of any language" if across_languages else ""
-                messages.append(
-                    f"{len(shared)} image(s) of the {test} split also occur in the {train} split{scope}, "
-                    f"so a model trained on {train} has seen them: {', '.join(shared)}"
-                )
-            pairs = split_pairs.get(test, set()) & split_pairs.get(train, set())
-            if pairs:
-                messages.append(
-                    f"{len(pairs)} (image, question) pair(s) of the {test} split also occur in the {train} split"
-                )
-    return messages
 
 
 def find_image_dir(root: Path, candidates: Iterable[str], override: Path | None = None) -> Path:

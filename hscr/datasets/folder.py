@@ -20,12 +20,12 @@ from hscr.datasets.common import (
     ImportReport,
     SourceRow,
     clean_text,
-    ingest,
     lang_filter,
     normalize_split,
     require_path,
     safe_join,
 )
+from hscr.datasets.ingest import ingest
 from hscr.errors import DataError
 from hscr.store import Store
 

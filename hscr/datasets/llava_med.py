@@ -28,13 +28,13 @@ from hscr.datasets.common import (
     SourceRow,
     find_image_dir,
     first_record,
-    ingest,
     lang_filter,
     read_json_records,
     read_jsonl,
     require_path,
     safe_join,
 )
+from hscr.datasets.ingest import ingest
 from hscr.errors import DataError
 from hscr.store import Store
 

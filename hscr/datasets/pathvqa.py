@@ -25,13 +25,13 @@ from hscr.datasets.common import (
     SourceRow,
     clean_text,
     find_parquet,
-    ingest,
     lang_filter,
     normalize_split,
     parquet_source_rows,
     require_path,
     safe_join,
 )
+from hscr.datasets.ingest import ingest
 from hscr.errors import DataError
 from hscr.store import Store
 

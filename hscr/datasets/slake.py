@@ -22,13 +22,13 @@ from hscr.datasets.common import (
     SourceRow,
     find_image_dir,
     first_record,
-    ingest,
     lang_filter,
     read_json_records,
     require_path,
     safe_join,
     zip_member_reader,
 )
+from hscr.datasets.ingest import ingest
 from hscr.errors import DataError
 from hscr.store import Store
 

@@ -22,13 +22,13 @@ from hscr.datasets.common import (
     find_image_dir,
     find_parquet,
     first_record,
-    ingest,
     lang_filter,
     parquet_source_rows,
     read_json_records,
     require_path,
     safe_join,
 )
+from hscr.datasets.ingest import ingest
 from hscr.errors import DataError
 from hscr.store import Store
 

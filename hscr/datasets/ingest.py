@@ -1,0 +1,295 @@
+"""The ingest loop shared by all importers: clean, load images once, write, report.
+
+Images are decoded before any database write, so a bad image only costs its own row. Rows are
+then written in transactions of up to :data:`BATCH_ROWS`; when a batch fails, it is rolled back
+and written again one row per transaction, so a database error also loses only its own row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import duckdb
+from tqdm import tqdm
+
+from hscr.datasets.common import ImageSource, ImportReport, SourceRow, clean_answer, clean_text, infer_answer_type
+from hscr.errors import HSCRError
+from hscr.images import LoadedImage, load_any, load_image_bytes
+from hscr.store import Store
+
+logger = logging.getLogger(__name__)
+
+# Rows per transaction. A commit costs about as much as writing one row, so batches halve the
+# write time; they stay small so a failed batch is cheap to replay row by row.
+BATCH_ROWS = 100
+TRAIN_SPLITS = ("train",)
+TEST_SPLITS = ("test",)
+
+
+def add_loaded_image(store: Store, loaded: LoadedImage, cursor=None, modality: str | None = None) -> str:
+    """Store a decoded image (its default rendering as PNG, plus non-identifying meta); return its id.
+
+    ``modality`` is used when the image itself names none (raster files).
+    """
+    return store.add_image(
+        loaded.png_bytes(),
+        loaded.image.width,
+        loaded.image.height,
+        modality=loaded.modality or modality,
+        source_format=loaded.source_format,
+        meta=loaded.meta,
+        cursor=cursor,
+    )
+
+
+@dataclass
+class _Prepared:
+    """A cleaned row whose image is decoded (or already stored), ready to write."""
+
+    row: SourceRow
+    question: str
+    answer: str
+    answer_type: str
+    meta: dict[str, Any]
+    image_key: str                         # source digest and frame
+    loaded: LoadedImage | None             # None when ``image_key`` is already stored
+
+
+class _Writer:
+    """Write prepared rows in batches and record the outcome of each row in the report."""
+
+    def __init__(self, store: Store, dataset: str, report: ImportReport):
+        self.store = store
+        self.dataset = dataset
+        self.report = report
+        self.stored: dict[str, str] = {}              # image key -> image id, committed rows only
+        self.answers: dict[str, tuple[str, str]] = {}  # sample id -> (answer, where) of the first row
+        self.batch: list[_Prepared] = []
+        self.decoded: dict[str, LoadedImage] = {}      # images of the current batch, by image key
+
+    def loaded_image(self, key: str) -> LoadedImage | None:
+        """Return the decoded image of ``key`` when this batch has one, so it is decoded once."""
+        return self.decoded.get(key)
+
+    def add(self, prepared: _Prepared) -> None:
+        self.batch.append(prepared)
+        if prepared.loaded is not None:
+            self.decoded[prepared.image_key] = prepared.loaded
+        if len(self.batch) >= BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, decoded = self.batch, self.decoded
+        self.batch, self.decoded = [], {}
+        if not batch:
+            return
+        try:
+            with self.store.transaction() as cur:
+                written_images: dict[str, str] = {}
+                written = [self._write(item, cur, decoded, written_images) for item in batch]
+        except (HSCRError, duckdb.Error, UnicodeError) as exc:
+            logger.warning("batch of %d rows failed (%s); writing them one by one", len(batch), exc)
+            self._write_one_by_one(batch, decoded)
+            return
+        for item, (sample_id, inserted, image_id) in zip(batch, written):
+            self._record(item, sample_id, inserted, image_id)
+
+    def _write_one_by_one(self, batch: list[_Prepared], decoded: dict[str, LoadedImage]) -> None:
+        for item in batch:
+            try:
+                with self.store.transaction() as cur:
+                    sample_id, inserted, image_id = self._write(item, cur, decoded, {})
+            except (HSCRError, duckdb.Error, UnicodeError) as exc:
+                self.report.errors.append(f"{item.row.where}: writing the row failed ({exc}); row skipped")
+                self.report.skipped += 1
+                continue
+            self._record(item, sample_id, inserted, image_id)
+
+    def _write(
+        self, item: _Prepared, cur, decoded: dict[str, LoadedImage], written_images: dict[str, str]
+    ) -> tuple[str, bool, str]:
+        """Write one row inside the open transaction; ``written_images`` are this transaction's images."""
+        image_id = self.stored.get(item.image_key) or written_images.get(item.image_key)
+        if image_id is None:
+            loaded = item.loaded or decoded.get(item.image_key) or _decode(item.row.image)
+            image_id = add_loaded_image(self.store, loaded, cursor=cur, modality=item.row.modality)
+            written_images[item.image_key] = image_id
+        row = item.row
+        sample_id, inserted = self.store.add_sample(
+            self.dataset, row.split, image_id, item.question, item.answer, item.answer_type,
+            lang=row.lang, source_id=row.source_id, meta=item.meta, cursor=cur,
+        )
+        return sample_id, inserted, image_id
+
+    def _record(self, item: _Prepared, sample_id: str, inserted: bool, image_id: str) -> None:
+        self.stored[item.image_key] = image_id
+        if inserted:
+            self.report.count(item.row.split)
+            self.answers[sample_id] = (item.answer, item.row.where)
+            return
+        self.report.duplicates += 1
+        first = self.answers.get(sample_id)
+        if first is not None and first[0].lower() != item.answer.lower():
+            self.report.warnings.append(
+                f"{item.row.where}: same image and question as {first[1]} but answer {item.answer!r} instead of "
+                f"{first[0]!r}; kept the first"
+            )
+
+
+def _decode(source: ImageSource) -> LoadedImage:
+    if source.path is not None:
+        return load_any(source.path, frame=source.frame)
+    return load_image_bytes(source.read_bytes(), source.name, frame=source.frame)
+
+
+class _Digests:
+    """The sha256 of each image source's bytes: the image identity for caching and leak checks."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, str] = {}
+
+    def get(self, source: ImageSource) -> str:
+        key = source.key
+        if key is None:
+            return hashlib.sha256(source.read_bytes()).hexdigest()
+        if key not in self._by_key:
+            self._by_key[key] = hashlib.sha256(source.read_bytes()).hexdigest()
+        return self._by_key[key]
+
+
+def ingest(
+    store: Store,
+    dataset: str,
+    rows: Iterable[SourceRow],
+    report: ImportReport,
+    languages: set[str] | None = None,
+    progress: bool = False,
+) -> ImportReport:
+    """Write rows into the store and record every problem in ``report``, one line per row.
+
+    Rows of languages outside ``languages`` are not imported but still count for the leak check,
+    because an image in one language's training split leaks into the other language's test split.
+    """
+    digests = _Digests()
+    writer = _Writer(store, dataset, report)
+    split_images: dict[str, dict[str, str]] = {}           # split -> image digest -> image name
+    split_pairs: dict[str, set[tuple[str, str]]] = {}      # split -> (digest, question)
+    seen_languages: set[str] = set()
+
+    for row in tqdm(rows, desc=f"import {dataset}", unit="row", disable=not progress):
+        digest = None
+        if row.image is not None and row.image.exists():
+            try:
+                digest = digests.get(row.image)
+            except (OSError, HSCRError):
+                digest = None
+        question = clean_text(row.question)
+        if digest is not None:
+            split_images.setdefault(row.split, {})[digest] = row.image.name
+            split_pairs.setdefault(row.split, set()).add((digest, question.lower()))
+
+        seen_languages.add(row.lang)
+        if languages is not None and row.lang not in languages:
+            report.filtered += 1
+            continue
+
+        prepared = _prepare(row, question, digest, writer, report)
+        if prepared is not None:
+            writer.add(prepared)
+    writer.flush()
+
+    report.warnings.extend(_leak_warnings(split_images, split_pairs, across_languages=len(seen_languages) > 1))
+    if not report.imported and not report.duplicates and not report.errors:
+        if report.filtered:
+            wanted = ", ".join(sorted(languages or ()))
+            found = ", ".join(sorted(seen_languages))
+            report.warnings.append(
+                f"all {report.filtered} rows are in other languages than {wanted} (found: {found}); use --lang all"
+            )
+        else:
+            report.warnings.append("no rows found to import")
+    logger.info(
+        "import into %s: %s new, %d duplicates, %d skipped, %d errors",
+        dataset, report.imported, report.duplicates, report.skipped, len(report.errors),
+    )
+    return report
+
+
+def _prepare(
+    row: SourceRow, question: str, digest: str | None, writer: _Writer, report: ImportReport
+) -> _Prepared | None:
+    """Clean a row and decode its image; on a problem, record it in ``report`` and return None."""
+    answer = clean_answer(row.answer)
+    empty = [name for name, value in (("question", question), ("answer", answer)) if not value]
+    if row.allow_empty_answer and empty == ["answer"]:
+        empty = []
+    if empty:
+        report.errors.append(f"{row.where}: empty {' and '.join(empty)}; row skipped")
+        report.skipped += 1
+        return None
+    for name, value in (("question", question), ("answer", answer)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            report.errors.append(
+                f"{row.where}: the {name} is not valid Unicode ({exc.reason} at character {exc.start}); row skipped"
+            )
+            report.skipped += 1
+            return None
+    if row.image is None or digest is None:
+        reason = row.missing_reason or (
+            f"image file {row.image.name!r} not found" if row.image is not None else "no image given"
+        )
+        if row.image is not None and row.image.exists():
+            reason = f"image {row.image.name!r} cannot be read"
+        report.errors.append(f"{row.where}: {reason}; row skipped")
+        report.skipped += 1
+        return None
+
+    image_key = f"{digest}#{row.image.frame}"
+    loaded = None
+    if image_key not in writer.stored and writer.loaded_image(image_key) is None:
+        try:
+            loaded = _decode(row.image)
+        except HSCRError as exc:
+            report.errors.append(f"{row.where}: {exc}; row skipped")
+            report.skipped += 1
+            return None
+
+    meta = dict(row.meta)
+    if not isinstance(row.answer, str) or row.answer != answer:
+        meta["answer_raw"] = row.answer  # as the file wrote it: "Yes.", " no", or the integer 4
+    return _Prepared(
+        row=row,
+        question=question,
+        answer=answer,
+        answer_type=infer_answer_type(answer, row.answer_type),
+        meta=meta,
+        image_key=image_key,
+        loaded=loaded,
+    )
+
+
+def _leak_warnings(
+    split_images: dict[str, dict[str, str]], split_pairs: dict[str, set[tuple[str, str]]], across_languages: bool
+) -> list[str]:
+    """Warn about test images (and image-question pairs) that also occur in a training split."""
+    messages = []
+    for test in [s for s in split_images if s in TEST_SPLITS]:
+        for train in [s for s in split_images if s in TRAIN_SPLITS]:
+            shared = sorted(split_images[test][digest] for digest in split_images[test].keys() & split_images[train].keys())
+            if shared:
+                scope = " of any language" if across_languages else ""
+                messages.append(
+                    f"{len(shared)} image(s) of the {test} split also occur in the {train} split{scope}, "
+                    f"so a model trained on {train} has seen them: {', '.join(shared)}"
+                )
+            pairs = split_pairs.get(test, set()) & split_pairs.get(train, set())
+            if pairs:
+                messages.append(
+                    f"{len(pairs)} (image, question) pair(s) of the {test} split also occur in the {train} split"
+                )
+    return messages
