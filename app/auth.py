@@ -2,7 +2,7 @@
 
 The file is JSON: ``{"users": {"alice": "$2b$12$..."}}``. Manage it with
 
-    python -m app.auth add alice --file data/users.json      # asks for the password twice
+    python -m app.auth add alice --file data/users.json      # prompts for the password twice
     python -m app.auth remove alice --file data/users.json
     python -m app.auth list --file data/users.json
 
@@ -58,13 +58,14 @@ def write_users(path: str | Path, users: dict[str, str]) -> None:
     tmp.replace(path)
 
 
-def hash_password(password: str) -> str:
+def hash_password(password: str, rounds: int = 12) -> str:
+    """Hash a password with bcrypt; ``rounds`` is the log2 cost factor (bcrypt's default is 12)."""
     if len(password) < MIN_PASSWORD_LENGTH:
         raise HSCRError(f"the password is too short: use at least {MIN_PASSWORD_LENGTH} characters")
     # bcrypt only reads the first 72 bytes of a password.
     if len(password.encode("utf-8")) > 72:
         raise HSCRError("the password is too long: bcrypt uses at most 72 bytes")
-    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt()).decode("ascii")
+    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds)).decode("ascii")
 
 
 def check_password(users: dict[str, str], user: str, password: str) -> bool:

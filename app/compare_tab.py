@@ -119,6 +119,8 @@ def start_evaluation(context: AppContext, dataset: str, split: str, adapter: str
     args = ["--model", context.model, "--db", str(db_path), "--dataset", dataset, "--split", split]
     if adapter:
         args += ["--adapter", adapter]
+    if limit and limit < 0:
+        raise gr.Error(f"Invalid limit {limit}: use 0 for every sample or a positive number.")
     if limit:
         args += ["--limit", str(int(limit))]
     try:
@@ -186,7 +188,7 @@ def build(context: AppContext) -> tuple[tuple[Any, list, list], gr.Button, gr.Te
                                        elem_id="eval-dataset")
             eval_split = gr.Textbox(value="test", label="Split", elem_id="eval-split")
             eval_adapter = gr.Dropdown(adapters(context), value="", label="Model", elem_id="eval-adapter")
-            eval_limit = gr.Number(value=None, precision=0, minimum=1, label="Limit (optional)")
+            eval_limit = gr.Number(value=0, precision=0, label="Limit (0: every sample)")
             eval_start = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
         eval_message = gr.Markdown(elem_id="eval-message")
         eval_jobs = gr.Markdown(elem_id="eval-jobs")

@@ -52,19 +52,18 @@ def prepare_environment(data_dir: Path) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def default_model(data_dir: Path, build_demo: bool) -> str:
-    """Return the demo model folder, building the demo on first start."""
-    demo_model = data_dir / "demo" / "model"
-    if (demo_model / "config.json").is_file() or not build_demo:
+def default_model(db_path: Path, build_demo: bool) -> str:
+    """Return the demo model folder, building the demo model and datasets on first start."""
+    demo_model = db_path.parent / "demo" / "model"
+    if not build_demo:
         if not (demo_model / "config.json").is_file():
             raise HSCRError(f"no --model given and no demo model in {demo_model}; pass --model or drop --no-demo")
         return str(demo_model)
     from hscr.demo import ensure_demo
 
-    logger.info("building the demo dataset and model in %s (first start only)", data_dir)
-    result = ensure_demo(data_dir)
-    model = getattr(result, "model_dir", None) or (result.get("model") if isinstance(result, dict) else None)
-    return str(model or demo_model)
+    logger.info("preparing the demo model and datasets in %s (built on first start only)", db_path.parent)
+    result = ensure_demo(db_path.parent, db_path=db_path)
+    return str(result["model_dir"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         prepare_environment(data_dir)
-        model = args.model or default_model(data_dir, build_demo=not args.no_demo)
+        model = args.model or default_model(db_path, build_demo=not args.no_demo)
         return serve(args, db_path, model)
     except HSCRError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -50,8 +50,8 @@ def token_tooltip(token: dict[str, Any]) -> str:
 def tokens_html(tokens: Sequence[dict[str, Any]], dropout_ratio: float | None = None) -> str:
     """Render answer tokens coloured by coupling score, with a legend in nats.
 
-    Each token is a span whose ``title`` shows the score and both probabilities; the top coupled
-    tokens are underlined and numbered by rank.
+    Each token is a span whose ``title`` shows the score and both probabilities. Tokens flagged
+    ``coupled`` (the tokens of the top-n coupled words) are underlined and numbered by score.
     """
     if not tokens:
         return "<div class='hscr-tokens'><em>No tokens to show.</em></div>"
@@ -75,12 +75,13 @@ def tokens_html(tokens: Sequence[dict[str, Any]], dropout_ratio: float | None = 
         )
     return (
         "<div class='hscr-tokens'>" + "".join(spans) + "</div>" + score_legend(limit) +
-        f"<div class='hscr-note'>{len(rank_of)} most coupled tokens are underlined and numbered by rank.</div>"
+        f"<div class='hscr-note'>Underlined: the {len(rank_of)} tokens of the top-n coupled words; the small "
+        "number ranks each by its score. Hover a token for its score and probabilities.</div>"
     )
 
 
 def score_legend(limit: float) -> str:
-    """A colour bar from -limit to +limit nats with the matching probability ratios."""
+    """Render a colour bar from -limit to +limit nats with the matching probability ratios."""
     neg = f"rgba({NEGATIVE_RGB[0]}, {NEGATIVE_RGB[1]}, {NEGATIVE_RGB[2]}, 0.85)"
     pos = f"rgba({POSITIVE_RGB[0]}, {POSITIVE_RGB[1]}, {POSITIVE_RGB[2]}, 0.85)"
     ticks = [-limit, -limit / 2, 0.0, limit / 2, limit]

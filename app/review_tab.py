@@ -135,9 +135,9 @@ def _history(context: AppContext, sample_id: str, numbers: dict[str, int]) -> pd
 def review_view(context: AppContext, dataset: str, status: str, position: float) -> tuple[Any, ...]:
     """Show the queue item at ``position`` (1-based) with its answers, history and progress."""
     flt = _queue_filter(dataset, status)
-    counts = queries.count_samples(context.store, flt)
+    # One count per status serves both the queue length and the progress counter.
     all_counts = queries.count_samples(context.store, _queue_filter(dataset, ALL))
-    total = counts["total"]
+    total = all_counts[flt.status] if flt.status else all_counts["total"]
     position = min(max(int(position or 1), 1), max(total, 1))
     reviewed = all_counts["approved"] + all_counts["rejected"]
     progress = (

@@ -1,6 +1,6 @@
 """Job inputs the app writes into a run folder, and the results it ingests back.
 
-The app process holds the DuckDB file read-write, so a job never opens it. For an evaluation,
+Only the app process opens the DuckDB file (read-write), so a job never opens it. For an evaluation,
 the app copies the split's samples and image rows into ``<run>/data/hscr.duckdb`` (the image
 folder is linked, not copied), the job runs ``python -m hscr evaluate --db <run>/data/hscr.duckdb``,
 and the app copies the new ``eval_runs`` and ``predictions`` rows back in one transaction.

@@ -1,4 +1,4 @@
-"""What the app process shares between sessions: the store, the data folder and loaded models.
+"""Process-wide app state shared by all sessions: the store, the data folder and loaded models.
 
 Nothing here belongs to one user: per-session values live in ``gr.State`` and the user name
 comes from the request (the login, or the operating-system user when the app runs without
@@ -84,11 +84,6 @@ def user_name(context: AppContext, request: gr.Request | None) -> str:
     if context.auth_enabled and not name:
         raise gr.Error("You are not logged in; reload the page and log in again.")
     return name or context.default_user
-
-
-def user_error(exc: Exception) -> gr.Error:
-    """Turn a library error into the message box a user sees."""
-    return gr.Error(str(exc))
 
 
 def bind(handler: Callable[..., Any], context: AppContext) -> Callable[..., Any]:
