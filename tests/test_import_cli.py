@@ -165,8 +165,7 @@ def test_invalid_unicode_costs_one_row(tmp_path: Path):
     folder = write_vqa_rad_mevf(tmp_path)
     text = (folder / "trainset.json").read_text(encoding="utf-8")
     # A lone surrogate escape is valid JSON but cannot be stored as UTF-8: once in a question
-    # (caught while cleaning) and once in a meta field (caught by the database, which fails the
-    # batch, so its rows are written again one by one).
+    # (caught while cleaning) and once in a meta field (caught by the database write).
     text = text.replace('"Is there an effusion?"', '"Is there an \\ud800 effusion?"')
     text = text.replace('"image_organ": "HEAD"', '"image_organ": "HE\\udc00AD"')
     (folder / "trainset.json").write_text(text, encoding="utf-8")
@@ -181,3 +180,11 @@ def test_invalid_unicode_costs_one_row(tmp_path: Path):
     assert report["errors"][1].startswith("trainset.json record 2 (qid 13): writing the row failed (")
     with Store(db) as store:
         assert sorted(row["source_id"] for row in store.samples()) == ["12", "21", "22"]
+
+
+def test_samples_keep_file_order(tmp_path: Path):
+    db = tmp_path / "db.duckdb"
+    run_import("vqa-rad", str(write_vqa_rad_mevf(tmp_path)), "--db", str(db))
+    with Store(db) as store:
+        assert [row["source_id"] for row in store.samples(split="train")] == ["11", "12", "13"]
+        assert [row["source_id"] for row in store.samples(split="test")] == ["21", "22"]
