@@ -24,7 +24,7 @@ import torch
 
 from hscr.errors import HSCRError
 from hscr.models.base import FamilyAdapter, unwrap_model
-from hscr.sequences import build_batch, sequence_logps, token_logps
+from hscr.sequences import build_batch, fit_prompts, sequence_logps, token_logps
 
 
 @dataclass
@@ -86,6 +86,8 @@ def build_packed_batch(
     image_rows: Sequence[int],
 ) -> PackedBatch:
     """Embed ``prefix | answers...`` rows and build the block mask and per-answer positions."""
+    # Families whose image token count varies (LLaVA-NeXT) need each prefix fitted to its image first.
+    prompt_ids = fit_prompts(adapter, prompt_ids, image_features, image_rows)
     num_responses = max(len(r) for r in responses)
     max_answer = max(len(a) for r in responses for a in r)
     concatenated = [[token for answer in answers for token in answer] for answers in responses]

@@ -62,6 +62,8 @@ def build_batch(
     image_rows: Sequence[int],             # row -> index into image_features
 ) -> SequenceBatch:
     """Concatenate prompt and answer ids, embed them and scatter the image features in."""
+    counts = adapter.image_token_counts(image_features)                     # tokens per image
+    prompt_ids = fit_prompts(adapter, prompt_ids, image_features, image_rows)
     embed = adapter.embed_tokens(model)
     device = embed.weight.device
     pad_id = adapter.tokenizer.pad_token_id or 0
@@ -86,17 +88,25 @@ def build_batch(
     ids = ids.to(device)
     image_token_mask = ids == adapter.image_token_id                       # (B, T)
     inputs_embeds = embed(ids)                                              # (B, T, D)
-    features = image_features[torch.as_tensor(list(image_rows), device=image_features.device)]  # (B, N, D)
     per_row = image_token_mask.sum(dim=1)
-    if bool((per_row != features.shape[1]).any()):
+    if adapter.variable_image_tokens:
+        expected = torch.as_tensor([counts[i] for i in image_rows], device=per_row.device)
+        # Padded feature rows past each image's count are left out.
+        flat_features = torch.cat([image_features[i, : counts[i]] for i in image_rows])   # (sum counts, D)
+    else:
+        features = image_features[torch.as_tensor(list(image_rows), device=image_features.device)]  # (B, N, D)
+        expected = torch.full_like(per_row, features.shape[1])
+        flat_features = features.reshape(-1, features.shape[-1])
+    if bool((per_row != expected).any()):
         raise ValueError(
-            f"image features and image tokens do not match: {features.shape[1]} features per image, "
+            f"image features and image tokens do not match: {expected.tolist()} features per row, "
             f"{per_row.tolist()} placeholder tokens per row"
         )
     inputs_embeds = inputs_embeds.masked_scatter(
-        image_token_mask.unsqueeze(-1), features.to(inputs_embeds.dtype).reshape(-1, features.shape[-1])
+        image_token_mask.unsqueeze(-1), flat_features.to(inputs_embeds.dtype)
     )
     attention_mask = attention_mask.to(device)
+    extras = adapter.sequence_extras(ids, attention_mask, image_token_mask, image_features, list(image_rows))
     return SequenceBatch(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
@@ -105,7 +115,42 @@ def build_batch(
         answer_positions=answer_positions.to(device),
         answer_ids=answer_tensor.to(device),
         answer_mask=answer_mask.to(device),
+        extras=extras,
     )
+
+
+def fit_prompts(
+    adapter: FamilyAdapter,
+    prompt_ids: Sequence[Sequence[int]],
+    image_features: torch.Tensor,          # (U, N, D)
+    image_rows: Sequence[int],
+) -> Sequence[Sequence[int]]:
+    """Return ``prompt_ids`` with each placeholder run fitted to its image, for variable-count families.
+
+    Fixed-count families get ``prompt_ids`` back unchanged. Code that derives positions from
+    prompt lengths must use the fitted prompts, as ``build_batch`` does.
+    """
+    if not adapter.variable_image_tokens:
+        return prompt_ids
+    counts = adapter.image_token_counts(image_features)
+    return fit_image_tokens(adapter.image_token_id, prompt_ids, [counts[i] for i in image_rows])
+
+
+def fit_image_tokens(
+    image_token_id: int, prompt_ids: Sequence[Sequence[int]], counts: Sequence[int]
+) -> list[list[int]]:
+    """Resize each prompt's single run of image placeholders to ``counts[row]`` tokens."""
+    fitted = []
+    for row, (prompt, count) in enumerate(zip(prompt_ids, counts)):
+        prompt = list(prompt)
+        positions = [i for i, token in enumerate(prompt) if token == image_token_id]
+        if not positions:
+            raise ValueError(f"prompt row {row} has no image placeholder token {image_token_id}")
+        first, last = positions[0], positions[-1]
+        if last - first + 1 != len(positions):
+            raise ValueError(f"prompt row {row} has more than one run of image placeholders; one image per prompt is supported")
+        fitted.append(prompt[:first] + [image_token_id] * count + prompt[last + 1 :])
+    return fitted
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

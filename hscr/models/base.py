@@ -87,6 +87,35 @@ class FamilyAdapter:
     def embed_tokens(self, model: Any) -> torch.nn.Module:
         raise NotImplementedError
 
+    # -- hooks with defaults for fixed-layout families like LLaVA 1.5 ----------------------------
+
+    # True for families whose image token count depends on the image size (LLaVA-NeXT, Qwen2-VL).
+    # Their image features are padded to the largest count in the batch, and ``build_batch`` fits
+    # each prompt's run of placeholders to its own image's count.
+    variable_image_tokens = False
+
+    def image_token_counts(self, image_features: torch.Tensor) -> list[int]:
+        """Image tokens of each image in ``image_features`` ``(U, N, D)``; rows past a count are padding."""
+        layout = image_layout(image_features)
+        if layout is not None:
+            return list(layout.token_counts)
+        return [int(image_features.shape[1])] * int(image_features.shape[0])
+
+    def sequence_extras(
+        self,
+        input_ids: torch.Tensor,              # (B, T), right-padded, placeholders expanded
+        attention_mask: torch.Tensor,         # (B, T)
+        image_token_mask: torch.Tensor,       # (B, T) bool
+        image_features: torch.Tensor,         # (U, N, D)
+        image_rows: Sequence[int],            # row -> index into image_features
+    ) -> dict[str, torch.Tensor]:
+        """Build the family-specific per-token tensors ``(B, T, ...)`` of a batch.
+
+        Dropout cuts them with the tokens, decoding left-aligns them, and ``language_forward``
+        receives them as ``extras``. The default family needs none.
+        """
+        return {}
+
     # -- shared helpers ------------------------------------------------------------------------
 
     def per_token_extras(self) -> tuple[str, ...]:
@@ -103,6 +132,33 @@ class FamilyAdapter:
         ids = set(self.tokenizer.all_special_ids)
         ids.add(self.image_token_id)
         return ids
+
+
+@dataclass
+class ImageLayout:
+    """Per-image facts that a variable-layout family attaches to its image-features tensor."""
+
+    token_counts: list[int]                                  # real image tokens per image
+    grids: list[tuple[int, int, int]] | None = None          # (t, h, w) patch grid per image, Qwen2-VL
+    image_sizes: list[tuple[int, int]] | None = None         # (height, width) of each original image
+
+
+_LAYOUT_ATTRIBUTE = "_hscr_image_layout"
+
+
+def attach_image_layout(image_features: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
+    """Attach ``layout`` to ``image_features`` and return the same tensor.
+
+    The callers of ``encode_images`` pass the returned tensor on to ``build_batch`` unchanged, so
+    the layout travels with it. A copy made with ``.to()`` or indexing loses the layout.
+    """
+    setattr(image_features, _LAYOUT_ATTRIBUTE, layout)
+    return image_features
+
+
+def image_layout(image_features: torch.Tensor) -> ImageLayout | None:
+    """Return the layout attached by :func:`attach_image_layout`, or None."""
+    return getattr(image_features, _LAYOUT_ATTRIBUTE, None)
 
 
 def unwrap_model(model: Any) -> Any:
