@@ -15,12 +15,18 @@ import torch
 
 from hscr.errors import ModelLoadError
 from hscr.models.base import VLM, FamilyAdapter
+from hscr.models.gemma3 import Gemma3Adapter
 from hscr.models.llava import LlavaAdapter
+from hscr.models.llava_next import LlavaNextAdapter
+from hscr.models.qwen2_vl import Qwen2VLAdapter
 
 logger = logging.getLogger(__name__)
 
 # architecture name in config.json -> adapter class
 ADAPTERS: dict[str, type[FamilyAdapter]] = {arch: LlavaAdapter for arch in LlavaAdapter.architectures}
+ADAPTERS.update({arch: Gemma3Adapter for arch in Gemma3Adapter.architectures})
+ADAPTERS.update({arch: LlavaNextAdapter for arch in LlavaNextAdapter.architectures})
+ADAPTERS.update({arch: Qwen2VLAdapter for arch in Qwen2VLAdapter.architectures})
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -72,7 +78,9 @@ def _architecture(name_or_path: str) -> str:
 def adapter_class(architecture: str) -> type[FamilyAdapter]:
     if architecture not in ADAPTERS:
         raise ModelLoadError(
-            f"unsupported model architecture {architecture!r}; supported: {', '.join(sorted(ADAPTERS))}"
+            f"unsupported model architecture {architecture!r}; supported: {', '.join(ADAPTERS)}. "
+            "Original LLaVA-Med v1.5 checkpoints (llava_mistral) must first be converted with "
+            "`python -m hscr convert-llava-med`; see 'Model families' in the README"
         )
     return ADAPTERS[architecture]
 
