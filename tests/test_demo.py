@@ -14,13 +14,14 @@ import torch
 
 from hscr.demo import ensure_demo
 from hscr.demo.build import STORED_TRAIN_IMAGES
-from hscr.demo.model import DemoRecipe, build_demo_model, read_manifest
+from hscr.demo.model import build_demo_model
+from hscr.demo.recipe import DemoRecipe, read_manifest
 from hscr.demo.phantoms import COUNT_WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A few hundred steps on a small pool: enough for the global cues, far from the full recipe.
-SMALL = dict(train_images=300, validation_images=40, test_images=40, steps=250, max_steps=250, eval_every=250)
+SMALL = dict(train_images=200, validation_images=40, test_images=40, steps=250, max_steps=250, eval_every=250)
 TINY = dict(train_images=30, validation_images=8, test_images=8, steps=12, max_steps=12, eval_every=12)
 
 
@@ -274,3 +275,37 @@ def test_other_recipe_not_taken_from_prebuilt(tmp_path, monkeypatch):
     assert recipe.key() != "another-recipe"
     source, _ = build._ensure_model(tmp_path / "model", recipe, force=False, progress=None)
     assert source == "trained"
+
+
+def test_prebuilt_weights_match_recipe():
+    # The committed weights are used only while their key equals the default recipe's. When the
+    # phantoms, the templates or the trainer change, rebuild them with
+    # `python -m hscr demo --force` and copy data/demo/model to hscr/demo/prebuilt.
+    from hscr.demo.build import PREBUILT_DIR
+
+    manifest = read_manifest(PREBUILT_DIR)
+    assert manifest is not None
+    assert manifest["key"] == DemoRecipe().key()
+    report = manifest["report"]
+    assert report["threshold_met"] is True
+    assert report["test"]["closed"] > report["majority"]["per_question"]
+    assert report["test_drop70"]["closed"] < report["test"]["closed"]
+    assert (PREBUILT_DIR / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_prebuilt_loads_and_answers():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from hscr.demo.build import PREBUILT_DIR
+    from hscr.demo.phantoms import make_phantom
+
+    model = LlavaForConditionalGeneration.from_pretrained(PREBUILT_DIR, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(PREBUILT_DIR)
+    for index in range(6):
+        phantom = make_phantom("test", index)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What modality is this image?"}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=phantom.image().convert("RGB"), text=prompt, return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert answer.strip() == phantom.modality, index

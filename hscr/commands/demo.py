@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from hscr.demo.build import check_data_dir, describe, ensure_demo
     from hscr.config import build_config
-    from hscr.demo.model import DemoRecipe
+    from hscr.demo.recipe import DemoRecipe
     from hscr.errors import HSCRError
 
     values: dict[str, str | int] = {}

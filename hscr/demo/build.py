@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hscr.demo.model import DemoRecipe, draw_phantoms, read_manifest, train_demo_model
+from hscr.demo.recipe import DemoRecipe, read_manifest
 from hscr.demo.phantoms import GENERATOR_VERSION, Phantom, make_phantom, stored_questions
 from hscr.errors import HSCRError
 from hscr.store import Store
@@ -127,6 +127,9 @@ def _ensure_model(model_dir: Path, recipe: DemoRecipe, force: bool,
         _replace_dir(model_dir, lambda target: shutil.copytree(PREBUILT_DIR, target))
         logger.info("demo model copied from the prebuilt weights in %s", PREBUILT_DIR)
         return "prebuilt", None
+
+    # Imported only when training: torch takes seconds to import.
+    from hscr.demo.model import draw_phantoms, train_demo_model
 
     pool = draw_phantoms("train", 0, recipe.train_images, recipe, progress,
                          total=recipe.train_images + recipe.validation_images + recipe.test_images)

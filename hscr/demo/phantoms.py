@@ -22,7 +22,7 @@ so a split can be regenerated in part or in full and always gives the same pixel
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
