@@ -36,6 +36,16 @@ QWEN2_VL_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+LLAVA_QWEN2_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 LLAVA_NEXT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}[INST] "
@@ -110,6 +120,8 @@ def build_tiny_gemma3(seed: int = 0, image_size: int = 32, patch_size: int = 4, 
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).eval()
     _set_generation_ids(model, tokenizer)
+    # Released Gemma 3 chat models stop at <eos> or at the <end_of_turn> that closes a model turn.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     return model, processor
 
 
@@ -203,6 +215,44 @@ def build_tiny_qwen2_vl(seed: int = 0, version: str = "2", patch_size: int = 4):
     config.tie_word_embeddings = False
     torch.manual_seed(seed)
     model = model_class(config).eval()
+    _set_generation_ids(model, tokenizer)
+    return model, processor
+
+
+def build_tiny_llava_qwen2(seed: int = 0, image_size: int = 32, patch_size: int = 8):
+    """A tiny ``LlavaForConditionalGeneration`` with a Qwen2 text model, the layout of HuatuoGPT-Vision-7B-hf."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+    )
+
+    from hscr.models.tiny import CLIP_MEAN, CLIP_STD
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tokenizer = byte_level_tokenizer(specials, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    tokenizer.chat_template = LLAVA_QWEN2_TEMPLATE
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_QWEN2_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=image_size, patch_size=patch_size)
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
     _set_generation_ids(model, tokenizer)
     return model, processor
 

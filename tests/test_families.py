@@ -16,7 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from family_support import build_tiny_gemma3, build_tiny_llava_next, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+from family_support import (
+    build_tiny_gemma3,
+    build_tiny_llava_next,
+    build_tiny_llava_qwen2,
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2_vl,
+)
 from hscr.config import EvalConfig, GenerateConfig, TrainConfig
 from hscr.contrast import apply_dropout, contrast, draw_dropped_positions
 from hscr.decoding import greedy_generate_ids
@@ -36,13 +42,14 @@ from hscr.trainer import train
 BUILDERS = {
     "gemma3": build_tiny_gemma3,
     "llava_next": build_tiny_llava_next,
+    "llava_qwen2": build_tiny_llava_qwen2,
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
 }
 
 # The packed MLPO forward takes no per-token extras, so families with extras train with one
 # sequence per answer.
-SHARED_PREFIX = {"gemma3": False, "llava_next": True, "qwen2_vl": False, "qwen2_5_vl": False}
+SHARED_PREFIX = {"gemma3": False, "llava_next": True, "llava_qwen2": True, "qwen2_vl": False, "qwen2_5_vl": False}
 
 SAMPLES = [
     ("is there a lesion in the left lung ?", "yes", (40, 30)),
