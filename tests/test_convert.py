@@ -237,6 +237,28 @@ def test_unknown_key_rejected(original, tmp_path):
     assert not (tmp_path / "out.converting").exists()
 
 
+def test_bin_source_cast_to_bf16(original, tmp_path):
+    src = copy_source(original, tmp_path)
+    for path in src.glob("*.safetensors*"):
+        path.unlink()
+    torch.save(original["state"], src / "pytorch_model.bin")
+
+    report = convert_llava_med(src, tmp_path / "out", dtype="bf16", pad_to_multiple=16)
+
+    from safetensors import safe_open
+
+    for path in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+    vlm = load_vlm(tmp_path / "out", device="cpu", dtype="bf16")
+    state = vlm.model.state_dict()
+    assert set(report.key_map) == set(original["state"])
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.mm_projector.2.bias"):
+        target = state[report.key_map[key]]
+        assert target.dtype == torch.bfloat16
+        assert torch.equal(target, original["state"][key].to(torch.bfloat16))
+
+
 def test_existing_destination_kept(original, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
