@@ -1,22 +1,26 @@
 """MLPO training with LoRA on the language model: data order, loop, metrics, checkpoints, resume.
 
-The vision tower and projector stay frozen; LoRA adapters sit on the language model only. Each
-sample's chosen answer and up to k rejected answers share one image + prompt prefix, computed once
-per step by the packed forward in :mod:`hscr.packing`. Reference log-probs come with the
-preference rows; those a reviewer's edit made unknown are computed once at the start with the
-unchanged model and cached in ``<output>/reference_logps.json``.
+The vision tower and projector stay frozen, and LoRA adapters sit on the language model only.
+Each sample's chosen answer and up to k rejected answers share one image + prompt prefix, computed
+once per step by the packed forward in :mod:`hscr.packing`. Reference log-probs come with the
+preference rows. Those that a reviewer's edit made unknown are computed once at the start with
+the unchanged model and cached in ``<output>/reference_logps.json``.
 
-Outputs under ``<output>``: ``metrics.jsonl`` (one JSON object per logging step, slash names),
-``checkpoint-<step>/`` (adapter, optimizer, scheduler, RNG states, ``trainer_state.json``) every
-``save_steps`` optimizer steps and when SIGTERM or SIGINT arrives, and the final adapter in PEFT
-format in ``adapter/`` (``PeftModel.from_pretrained(base_model, "<output>/adapter")``).
+Outputs under ``<output>``:
+
+- ``effective_config.json``: every setting of the run.
+- ``metrics.jsonl``: one JSON object per logging step, with slash names.
+- ``checkpoint-<step>/``: adapter, optimizer, scheduler, RNG states and ``trainer_state.json``,
+  every ``save_steps`` optimizer steps and when SIGTERM or SIGINT arrives.
+- ``adapter/``: the final adapter in PEFT format, for
+  ``PeftModel.from_pretrained(base_model, "<output>/adapter")``.
 
 Data order is a function of the seed, the epoch and the global batch size only, so a resumed run
 sees the same batches as an uninterrupted one, and N processes with micro-batch b see the same
 global batches as one process with micro-batch N * b.
 
     python -m hscr train --model data/demo/model --db data/hscr.duckdb --output data/runs/t1
-    accelerate launch --num_processes 2 -m hscr train --model ... --data prefs.parquet --output ...
+    accelerate launch --multi_gpu --num_processes 2 -m hscr train --model ... --data prefs.parquet --output ...
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.jsonl"
 REFERENCE_FILE = "reference_logps.json"
 STATE_FILE = "trainer_state.json"
+EFFECTIVE_CONFIG_FILE = "effective_config.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -485,7 +490,8 @@ def train(
         step = _load_checkpoint(checkpoint, accelerator, policy, optimizer, scheduler, schedule, total_steps)
         logger.info("resumed from %s at step %d of %d", checkpoint, step, total_steps)
     elif is_main:
-        _write_json_atomic(output_dir / "train_config.json", dataclasses.asdict(config))
+        # Not train_config.json: the app writes its request there, in a run folder it shares.
+        _write_json_atomic(output_dir / EFFECTIVE_CONFIG_FILE, dataclasses.asdict(config))
 
     logger.info(
         "training %d samples, %d steps (global batch %d over %d processes, %d trainable parameters)",

@@ -186,6 +186,7 @@ def test_start_rejects_unknown_kind_and_active_job(tmp_path):
     jobs.wait(job.id, tmp_path, timeout_s=30)
 
 
+@pytest.mark.slow
 def test_train_job_defaults_output_and_data(tmp_path):
     run_dir = tmp_path / "prepared"
     run_dir.mkdir()

@@ -195,16 +195,12 @@ def test_train_command_from_parquet(tmp_path):
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
 
 
-def test_train_command_rejects_missing_data(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    done = subprocess.run(
-        [sys.executable, "-m", "hscr", "train", "--model", str(tmp_path / "model"), "--data",
-         str(tmp_path / "missing.parquet"), "--output", str(tmp_path / "run")],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert done.returncode == 2
-    assert "error: preference file not found" in done.stderr
-    assert "Traceback" not in done.stderr
+def test_train_command_rejects_missing_data(tmp_path, cli):
+    code, out, err = cli("train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "missing.parquet"),
+                         "--output", str(tmp_path / "run"), "--device", "cpu")
+    assert code == 2
+    assert "error: preference file not found" in err
+    assert "missing.parquet" in err
 
 
 @pytest.fixture()

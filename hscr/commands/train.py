@@ -1,7 +1,7 @@
 """``python -m hscr train``: MLPO training with LoRA from the database or a Parquet snapshot.
 
     python -m hscr train --model data/demo/model --db data/hscr.duckdb --output data/runs/t1
-    accelerate launch --num_processes 4 -m hscr train --model ... --data prefs.parquet --output ...
+    accelerate launch --multi_gpu --num_processes 4 -m hscr train --model ... --data prefs.parquet --output ...
 
 With ``--db`` the preference rows are read once and written to ``<output>/preferences.parquet``;
 training reads only that snapshot, and ``--resume`` reuses it, so the data order stays the same.
