@@ -24,7 +24,15 @@ The app drives jobs only through these functions:
     jobs.list_jobs("data/runs")                         # every job, newest first (re-attach)
     jobs.cancel(job.id, runs_dir="data/runs")           # SIGTERM to the tree, SIGKILL after a grace period
 
-A job reports progress from inside with :func:`report_progress`; it is a no-op outside a job.
+:func:`status` and :func:`list_jobs` return the fields of ``status.json``, changed and extended:
+
+- ``progress``: the fraction done (0..1), 1.0 once succeeded, None before the first report.
+- ``progress_detail``: the job's own progress record.
+- ``eta_s``: the job's estimate, or one computed from the elapsed time.
+- ``log_tail``: the last lines of ``log.txt``, as a list.
+- ``cancel_requested``, ``run_dir`` and ``metrics_path``.
+
+A job reports progress from inside with :func:`report_progress`, which does nothing outside a job.
 """
 
 from __future__ import annotations
@@ -131,7 +139,7 @@ def _update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
 
 
 def _process_start_time(pid: int) -> str | None:
-    """Return the kernel's start time of ``pid`` (clock ticks since boot), which tells a reused pid apart."""
+    """Return the kernel's start time of ``pid`` (clock ticks since boot), to detect a reused pid."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
