@@ -13,7 +13,9 @@ per sample):
 
 Samples per second count preference samples (one image, question, chosen and k rejected), so
 TRL's pair rows per second are divided by 6. The first steps of each run are warm-up and not
-timed. The last line printed is ``speedup_vs_trl: X.XX`` (shared-prefix MLPO over TRL).
+timed, and each rate comes from the median step time, which other work on a shared machine
+disturbs less than the mean. The last line printed is ``speedup_vs_trl: X.XX`` (shared-prefix
+MLPO over TRL).
 
     pip install -r requirements-bench.txt
     python benchmarks/bench_train.py --steps 6 --threads 2
@@ -25,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -80,18 +83,31 @@ def make_rows(folder: Path, count: int) -> list[PreferenceRow]:
     return rows
 
 
-def run_mlpo(rows, shared_prefix: bool, steps: int, warmup: int, batch_size: int, workdir: Path) -> float:
-    """Samples per second of the project's trainer over the steps after ``warmup``."""
+def step_rates(marks: list[tuple[float, float]], warmup: int, samples_per_step: float) -> tuple[float, float]:
+    """Samples per wall-clock second and per CPU second, from the median step after ``warmup``.
+
+    ``marks`` holds ``(perf_counter, process_time)`` at the end of each step. CPU time counts only
+    this process's threads, so it is less disturbed by other work on the machine.
+    """
+    timed = marks[warmup:]
+    wall = [b[0] - a[0] for a, b in zip(timed, timed[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(timed, timed[1:])]
+    return samples_per_step / statistics.median(wall), samples_per_step / statistics.median(cpu)
+
+
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def run_mlpo(rows, shared_prefix: bool, steps: int, warmup: int, batch_size: int, workdir: Path) -> tuple[float, float]:
+    """Samples per second (wall clock, CPU) of the project's trainer."""
     model, processor = build_model()
     vlm = wrap_vlm(model, processor, name="bench")
     config = TrainConfig(max_steps=steps + warmup, batch_size=batch_size, lora_r=16, lora_alpha=32,
                          learning_rate=1e-4, save_steps=10_000, logging_steps=1, shared_prefix=shared_prefix)
-    output = workdir / ("shared" if shared_prefix else "repeated")
-    train(vlm, rows, config, output)
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    timed = records[warmup:]
-    seconds = sum(batch_size / r["samples_per_second"] for r in timed)
-    return len(timed) * batch_size / seconds
+    marks: list[tuple[float, float]] = []
+    train(vlm, rows, config, workdir / ("shared" if shared_prefix else "repeated"), on_step=lambda info: marks.append(clock()))
+    return step_rates(marks, warmup - 1, batch_size)
 
 
 def pair_dataset(rows):
@@ -112,7 +128,7 @@ def pair_dataset(rows):
     return Dataset.from_list(records)
 
 
-def run_trl(rows, steps: int, warmup: int, batch_size: int, workdir: Path) -> float:
+def run_trl(rows, steps: int, warmup: int, batch_size: int, workdir: Path) -> tuple[float, float]:
     """Samples per second of TRL's DPOTrainer, counting 6 pair rows as one sample."""
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -120,10 +136,10 @@ def run_trl(rows, steps: int, warmup: int, batch_size: int, workdir: Path) -> fl
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times = []
+            self.marks = []
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter())
+            self.marks.append(clock())
 
     model, processor = build_model()
     pairs_per_step = 6 * batch_size
@@ -138,21 +154,20 @@ def run_trl(rows, steps: int, warmup: int, batch_size: int, workdir: Path) -> fl
     timer = StepTimer()
     trainer = DPOTrainer(model=model, args=args, train_dataset=pair_dataset(rows), processing_class=processor,
                          peft_config=peft_config, callbacks=[timer])
-    start = time.perf_counter()
     trainer.train()
-    marks = [start] + timer.times
-    seconds = marks[-1] - marks[warmup]
-    return steps * pairs_per_step / 6 / seconds
+    return step_rates(timer.marks, warmup - 1, pairs_per_step / 6)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per method")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (at least 1)")
     parser.add_argument("--batch-size", type=int, default=2, help="preference samples per step")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--skip-trl", action="store_true", help="measure only the two MLPO routes")
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1")
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -163,15 +178,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         rows = make_rows(workdir, count)
-        shared = run_mlpo(rows, True, args.steps, args.warmup, args.batch_size, workdir)
-        print(f"mlpo_shared_prefix_samples_per_s: {shared:.3f}")
-        repeated = run_mlpo(rows, False, args.steps, args.warmup, args.batch_size, workdir)
-        print(f"mlpo_repeated_prefix_samples_per_s: {repeated:.3f}")
-        print(f"speedup_shared_vs_repeated: {shared / repeated:.2f}")
+        shared, shared_cpu = run_mlpo(rows, True, args.steps, args.warmup, args.batch_size, workdir)
+        print(f"mlpo_shared_prefix_samples_per_s: {shared:.3f} (per CPU second: {shared_cpu:.3f})")
+        repeated, repeated_cpu = run_mlpo(rows, False, args.steps, args.warmup, args.batch_size, workdir)
+        print(f"mlpo_repeated_prefix_samples_per_s: {repeated:.3f} (per CPU second: {repeated_cpu:.3f})")
+        print(f"speedup_shared_vs_repeated: {shared / repeated:.2f} (CPU time: {shared_cpu / repeated_cpu:.2f})")
         if args.skip_trl:
             return
-        trl = run_trl(rows, args.steps, args.warmup, args.batch_size, workdir)
-        print(f"trl_dpo_samples_per_s: {trl:.3f}")
+        trl, trl_cpu = run_trl(rows, args.steps, args.warmup, args.batch_size, workdir)
+        print(f"trl_dpo_samples_per_s: {trl:.3f} (per CPU second: {trl_cpu:.3f})")
+    print(f"speedup_vs_trl_cpu_time: {shared_cpu / trl_cpu:.2f}")
     print(f"speedup_vs_trl: {shared / trl:.2f}")
 
 
