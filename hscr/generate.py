@@ -137,6 +137,13 @@ def process_batch(
 
     prompt_ids = adapter.prompt_ids([adapter.prompt(s.question) for s in samples], num_image_tokens)
     answer_ids = [adapter.answer_ids(a) for a in answers]
+    limit = context_window(vlm)
+    for sample, prompt, answer in zip(samples, prompt_ids, answer_ids):
+        if limit is not None and len(prompt) + len(answer) > limit:
+            raise DataError(
+                f"sample {sample.sample_id} needs {len(prompt) + len(answer)} tokens with its image, over the "
+                f"model's context window of {limit} tokens; shorten the question or remove the sample"
+            )
     batch = build_batch(adapter, model, prompt_ids, answer_ids, features, image_rows)
     seeds = [sample_seed(s.sample_id, config.seed) for s in samples]
     result = contrast(adapter, model, batch, seeds, config.dropout_ratio, config.dropout_mode)
@@ -236,6 +243,7 @@ def analyze_sample(vlm: VLM, image: Any, question: str, answer: str, config: Gen
     config = config or GenerateConfig()
     _check_text(question, "question", "the sample")
     _check_text(answer, "answer", "the sample")
+    check_length(vlm, question, answer, "the sample")
     sample = GenerationSample("inspect", image, "inspect", question, answer)
     result = process_batch(vlm, [sample], config, embedder)[0]
     return {"tokens": result["tokens"], "candidates": result["candidates"], "flagged": result["flagged"]}
@@ -244,6 +252,32 @@ def analyze_sample(vlm: VLM, image: Any, question: str, answer: str, config: Gen
 def _check_text(value: str, field: str, where: str) -> None:
     if not value or not str(value).strip():
         raise DataError(f"{where} has an empty {field}; fill it in or remove the sample")
+
+
+def context_window(vlm: VLM) -> int | None:
+    """Return the language model's maximum sequence length in tokens, or None when the config has none."""
+    config = getattr(vlm.model, "config", None)
+    text_config = getattr(config, "text_config", None) or config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def check_length(vlm: VLM, question: str, answer: str, where: str, num_image_tokens: int = 0) -> None:
+    """Raise DataError when the prompt and answer do not fit the model's context window.
+
+    Without ``num_image_tokens`` the image placeholder counts as one token, so the check is a
+    lower bound until the image has been encoded.
+    """
+    limit = context_window(vlm)
+    if limit is None:
+        return
+    prompt = vlm.adapter.prompt(question)
+    length = len(vlm.tokenizer(prompt)["input_ids"]) + len(vlm.adapter.answer_ids(answer)) + max(num_image_tokens - 1, 0)
+    if length > limit:
+        raise DataError(
+            f"{where} needs {length} tokens for the question and answer, over the model's context window "
+            f"of {limit} tokens; shorten the question or remove the sample"
+        )
 
 
 def run_generation(
@@ -286,6 +320,7 @@ def run_generation(
             try:
                 _check_text(row["question"], "question", f"sample {row['id']}")
                 _check_text(row["answer"], "answer", f"sample {row['id']}")
+                check_length(vlm, row["question"], row["answer"], "the sample")
                 image = open_stored(store.data_dir / row["image_path"])
             except (DataError, OSError) as exc:
                 summary["errors"].append(f"sample {row['id']}: {exc}")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from hscr.datasets import FORMATS
+from hscr.datasets.common import unreadable_json
 from hscr.errors import HSCRError
 
 DEFAULT_DB = "data/hscr.duckdb"
@@ -64,7 +65,8 @@ def check_layout(fmt: str, path: Path) -> str:
     others = [name for name, module_name in FORMATS.items()
               if name != fmt and importlib.import_module(module_name).detect(path) is not None]
     hint = f" It looks like {' or '.join(others)}: run `python -m hscr import {others[0]} {path}`." if others else ""
-    raise HSCRError(f"{path} is not a {fmt} dataset: expected {module.EXPECTED}.{hint}")
+    problems = "".join(f" {problem}." for problem in unreadable_json(path))
+    raise HSCRError(f"{path} is not a {fmt} dataset: expected {module.EXPECTED}.{problems}{hint}")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -212,6 +212,28 @@ def read_jsonl(path: Path) -> list[Any]:
     return records
 
 
+def unreadable_json(path: Path) -> list[str]:
+    """Describe the JSON and JSON Lines files at ``path`` (a file, or a folder's top level) that cannot be read.
+
+    Layout detection skips such files silently, so a failed detection quotes these problems.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.glob("*.json*") if p.is_file())
+    problems = []
+    for file in files:
+        try:
+            if file.suffix == ".jsonl":
+                read_jsonl(file)
+            elif file.suffix == ".json":
+                read_json_records(file)
+        except DataError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def first_record(path: Path) -> dict[str, Any] | None:
     """Return the first object of a JSON array or JSON Lines file, or None; for layout detection."""
     try:

@@ -183,6 +183,15 @@ def _prepare(
     row: SourceRow, question: str, digest: str | None, writer: _Writer, report: ImportReport
 ) -> _Prepared | None:
     """Clean a row and decode its image; on a problem, record it in ``report`` and return None."""
+    wrong_types = [
+        f"{name} has type {type(value).__name__}"
+        for name, value in (("question", row.question), ("answer", row.answer))
+        if not _is_text_field(value)
+    ]
+    if wrong_types:
+        report.errors.append(f"{row.where}: {' and '.join(wrong_types)}, expected a string; row skipped")
+        report.skipped += 1
+        return None
     answer = clean_answer(row.answer)
     empty = [name for name, value in (("question", question), ("answer", answer)) if not value]
     if row.allow_empty_answer and empty == ["answer"]:
@@ -232,6 +241,13 @@ def _prepare(
         image_key=image_key,
         loaded=loaded,
     )
+
+
+def _is_text_field(value: Any) -> bool:
+    """Return whether a question or answer field is text; numbers count (VQA-RAD stores some answers as 4)."""
+    if value is None or isinstance(value, str):
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _leak_warnings(
