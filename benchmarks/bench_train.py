@@ -84,9 +84,9 @@ def make_rows(folder: Path, count: int) -> list[PreferenceRow]:
 
 
 def step_rates(marks: list[tuple[float, float]], warmup: int, samples_per_step: float) -> tuple[float, float]:
-    """Samples per wall-clock second and per CPU second, from the median step after ``warmup``.
+    """Compute samples per wall-clock second and per CPU second from the median step after ``warmup``.
 
-    ``marks`` holds ``(perf_counter, process_time)`` at the end of each step. CPU time counts only
+    ``marks`` contains ``(perf_counter, process_time)`` at the end of each step. CPU time counts only
     this process's threads, so it is less disturbed by other work on the machine.
     """
     timed = marks[warmup:]

@@ -72,7 +72,8 @@ def test_running_job_shows_progress_and_eta(tmp_path):
     try:
         info = wait_for(lambda: (s := jobs.status(job.id, tmp_path))["progress"] == 0.25 and s)
         assert info["state"] == "running"
-        assert info["eta_s"] is not None and info["eta_s"] >= 0
+        assert info["eta_s"] is not None
+        assert info["eta_s"] >= 0
         assert info["pid"] > 0
     finally:
         jobs.cancel(job.id, tmp_path, grace_s=1)
@@ -105,14 +106,16 @@ def test_cancel_stops_whole_tree(tmp_path):
     grandchild = int(line[0].split()[1])
     info = jobs.status(job.id, tmp_path)
     child = info["child_pid"]
-    assert pid_alive(grandchild) and pid_alive(child)
+    assert pid_alive(grandchild)
+    assert pid_alive(child)
 
     jobs.cancel(job.id, tmp_path, grace_s=5)
     info = jobs.wait(job.id, tmp_path, timeout_s=30)
 
     assert info["state"] == "cancelled"
     assert info["cancel_requested"]
-    wait_for(lambda: not pid_alive(grandchild) and not pid_alive(child), timeout=10)
+    wait_for(lambda: not pid_alive(grandchild), timeout=10)
+    wait_for(lambda: not pid_alive(child), timeout=10)
 
 
 def test_cancel_escalates_to_sigkill(tmp_path):
@@ -252,7 +255,8 @@ def test_jobs_command_status_and_cancel(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "hscr", "jobs", "list", "--runs-dir", str(tmp_path)],
                             capture_output=True, text=True, env=env, timeout=60)
     assert listed.returncode == 0
-    assert "cli-job" in listed.stdout and "running" in listed.stdout
+    assert "cli-job" in listed.stdout
+    assert "running" in listed.stdout
 
     cancelled = subprocess.run([sys.executable, "-m", "hscr", "jobs", "cancel", "cli-job", "--runs-dir",
                                 str(tmp_path), "--grace", "2", "--json"], capture_output=True, text=True, env=env, timeout=60)
