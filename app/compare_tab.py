@@ -22,9 +22,8 @@ from hscr.errors import HSCRError
 logger = logging.getLogger(__name__)
 
 BASE_MODEL = "base model"
-METRIC_COLUMNS = ["eval_run_id", "dataset", "split", "model", "adapter", "paper_open_recall",
-                  "paper_closed_accuracy", "strict_open_recall", "strict_closed_accuracy", "open_count",
-                  "closed_count"]
+METRIC_COLUMNS = ["dataset", "split", "model", "paper_open_recall", "paper_closed_accuracy",
+                  "strict_open_recall", "strict_closed_accuracy", "open_count", "closed_count", "eval_run_id"]
 METRICS = ["strict_closed_accuracy", "strict_open_recall", "paper_closed_accuracy", "paper_open_recall"]
 SAMPLE_COLUMNS = ["sample_id", "outcome", "answer_type", "question", "answer", "base", "trained",
                   "base score", "trained score"]

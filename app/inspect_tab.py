@@ -95,6 +95,10 @@ def load_sample(context: AppContext, sample_id: str) -> tuple[Any, ...]:
         f"**{sample['dataset']}** / {sample['split']} · {sample.get('modality') or 'unknown modality'} · "
         f"{sample['answer_type']} question · source {sample.get('source_format') or '?'}"
     )
+    if windowed is None and (sample.get("source_format") or "").lower() == "dicom":
+        # NOTE: dataset importers store the rendered PNG only; uploads in the Data tab keep the pixels.
+        header += (" · window/level unavailable: this DICOM was imported without its pixel values; "
+                   "upload the file in the Data tab to re-window it")
     stored_answer = queries.model_answer(context.store, sample["id"]) or ""
     return header, sample["question"], sample["answer"], stored_answer, window_group, preset, center, width
 
@@ -158,6 +162,22 @@ def analyze(
         state,
         timing,
     )
+
+
+def own_answer(context: AppContext, sample_id: str, stored: str) -> str:
+    """Return the model's greedy answer: the stored one from generation, else decoded now."""
+    from hscr.decoding import greedy_generate
+
+    if stored and stored.strip():
+        return stored
+    sample = _sample(context, sample_id)
+    vlm = context.models.get(context.model)
+    image = open_stored(_image_path(context, sample))
+    try:
+        return greedy_generate(vlm, [image], [sample["question"]], max_new_tokens=32)[0]
+    except HSCRError as exc:
+        logger.error("greedy answer of sample %s failed: %s", sample["id"], exc)
+        raise gr.Error(str(exc)) from None
 
 
 def with_display_text(tokenizer: Any, tokens: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -253,7 +273,8 @@ def build(context: AppContext) -> tuple[gr.Textbox, Callable[[Any], None]]:
         with gr.Column(scale=1):
             question = gr.Textbox(label="Question", interactive=False)
             reference = gr.Textbox(label="Reference answer (scored)", interactive=True, elem_id="inspect-answer")
-            own_answer = gr.Textbox(label="Model's own answer (latest generation run)", interactive=False)
+            own = gr.Textbox(label="Model's own answer (greedy, full image)", interactive=False,
+                             elem_id="inspect-own-answer")
             with gr.Row():
                 dropout_ratio = gr.Slider(0, 1, value=0.7, step=0.05, label="Dropout ratio")
                 beta = gr.Slider(0, 5, value=0.9, step=0.1, label="Beta")
@@ -281,18 +302,18 @@ def build(context: AppContext) -> tuple[gr.Textbox, Callable[[Any], None]]:
     analyze_outputs = [tokens, candidates, token_choice, analysis, timing]
     occlusion = bind(compute_occlusion, context)
 
-    def chain_analysis(event: Any) -> None:
-        event.then(analyze_handler, analyze_inputs, analyze_outputs).then(
+    def chain_analysis(event: Any) -> Any:
+        return event.then(analyze_handler, analyze_inputs, analyze_outputs).then(
             occlusion, [analysis, occlusion_window], analysis
         ).then(heatmap_handler, heatmap_inputs, [heatmap, heatmap_caption])
 
     load_handler = bind(load_sample, context)
-    load_outputs = [header, question, reference, own_answer, window_group, preset, center, width]
+    load_outputs = [header, question, reference, own, window_group, preset, center, width]
 
     def open_sample(event: Any) -> None:
         """Chain loading, rendering and analysing the sample in ``sample_id`` after ``event``."""
         loaded = event.then(load_handler, [sample_id], load_outputs).then(render, view_inputs, image)
-        chain_analysis(loaded)
+        chain_analysis(loaded).then(bind(own_answer, context), [sample_id, own], own)
 
     open_sample(load_button.click(lambda: None, None, None))
     open_sample(sample_id.submit(lambda: None, None, None))

@@ -196,5 +196,7 @@ def metrics_bar_figure(rows: Sequence[dict[str, Any]], metric: str):
         if points:
             datasets, values = zip(*points)
             figure.add_trace(go.Bar(x=list(datasets), y=list(values), name=model))
-    figure.update_layout(barmode="group", height=320, margin=dict(l=40, r=10, t=40, b=40))
+    figure.update_yaxes(rangemode="tozero")
+    figure.update_layout(barmode="group", height=320, margin=dict(l=40, r=10, t=40, b=40),
+                         legend=dict(orientation="h", y=-0.2))
     return figure

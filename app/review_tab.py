@@ -126,10 +126,16 @@ def _history(context: AppContext, sample_id: str, numbers: dict[str, int]) -> pd
             "time (UTC)": str(review["created_at"])[:19],
             "user": review["user"],
             "action": review["action"],
-            "answer": "preferred" if candidate is None else f"#{numbers.get(candidate, '?')}",
+            "answer": _history_target(review["action"], candidate, numbers),
             "details": details,
         })
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+def _history_target(action: str, candidate_id: str | None, numbers: dict[str, int]) -> str:
+    if candidate_id is not None:
+        return f"#{numbers.get(candidate_id, '?')}"
+    return "preferred" if action == "edit" else "–"
 
 
 def review_view(context: AppContext, dataset: str, status: str, position: float) -> tuple[Any, ...]:
@@ -154,6 +160,9 @@ def review_view(context: AppContext, dataset: str, status: str, position: float)
     state = review_state(context.store, sample["id"])
     rows = dispreferred(context, sample["id"], state)
     chosen = state.chosen_text or detail["answer"]
+    # Words are marked against the answer the candidates were generated from, even after an edit.
+    generated_from = next((c["text"] for c in context.store.candidates_for(sample["id"]) if c["num_replaced"] == 0),
+                          detail["answer"])
     numbers = {row["id"]: row["number"] for row in rows}
     order = ",".join(str(row["number"]) for row in sorted(
         (r for r in rows if r["training_rank"] is not None), key=lambda r: r["training_rank"]))
@@ -166,7 +175,7 @@ def review_view(context: AppContext, dataset: str, status: str, position: float)
     choices = [(f"#{row['number']}: {row['current_text']}", row["id"]) for row in rows]
     return (
         sample["id"], position, progress, image, f"**Q:** {detail['question']}\n\n{info}", chosen,
-        _candidates_html(chosen, rows), gr.update(choices=choices, value=choices[0][1] if choices else None),
+        _candidates_html(generated_from, rows), gr.update(choices=choices, value=choices[0][1] if choices else None),
         order, _history(context, sample["id"], numbers), rows[0]["current_text"] if rows else "",
     )
 

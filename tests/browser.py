@@ -129,9 +129,13 @@ def open_tab(page: Any, name: str) -> None:
 def fill(page: Any, elem_id: str, text: str, submit: bool = False) -> None:
     """Type into the textbox or number field inside the element with ``elem_id``."""
     box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.wait_for(state="visible")
     box.fill(text)
+    box.dispatch_event("input")
     if submit:
         box.press("Enter")
+    else:
+        box.blur()
 
 
 def wait_idle(page: Any, timeout: float = 30_000) -> None:
@@ -140,3 +144,13 @@ def wait_idle(page: Any, timeout: float = 30_000) -> None:
         "() => !document.querySelector('.progress-text, .eta-bar, .wrap.pending, .generating')",
         timeout=timeout,
     )
+
+
+def click_row(page: Any, elem_id: str, text: str) -> None:
+    """Click the first visible row of a Gradio dataframe that contains ``text``.
+
+    Gradio 6 draws the rows as ``div.virtual-row`` and keeps a hidden ``<table>`` copy for
+    measuring column widths, so a plain text or ``td`` locator can pick the hidden copy.
+    """
+    row = page.locator(f"#{elem_id} .virtual-row").filter(has_text=text).first
+    row.locator(".body-cell").first.click()

@@ -360,3 +360,49 @@ def test_cli_defaults_are_private(tmp_path, monkeypatch):
     prepare_environment(tmp_path / "data")
     assert Path(os.environ["GRADIO_TEMP_DIR"]).is_relative_to((tmp_path / "data").resolve())
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_inspect_dicom_window_controls(context):
+    from pydicom.data import get_testdata_file
+
+    from app import inspect_tab
+
+    path = get_testdata_file("CT_small.dcm")
+    data_tab.upload_files(context, [path], "scans", "train", "is there a nodule ?", "no")
+    sample_id = context.store.samples(dataset="scans")[0]["id"]
+    loaded = load_any(path)
+
+    header, question, answer, _, group, preset, center, width = inspect_tab.load_sample(context, sample_id)
+    assert question == "is there a nodule ?"
+    assert answer == "no"
+    assert group["visible"] is True
+    assert center["value"] == loaded.window_center
+    assert width["value"] == loaded.window_width
+    assert inspect_tab.apply_preset(context, sample_id, "lung")[0]["value"] == -600.0
+
+    shown = inspect_tab.render_image(context, sample_id, "lung", -600, 1500, False, 1, 0.5, 0.5)
+    expected = plots.display_size(render_window(loaded, -600, 1500).convert("RGB"))
+    assert np.array_equal(np.asarray(shown), np.asarray(expected))
+    inverted = inspect_tab.render_image(context, sample_id, "lung", -600, 1500, True, 1, 0.5, 0.5)
+    assert np.array_equal(np.asarray(inverted), 255 - np.asarray(expected))
+
+
+def test_inspect_png_has_no_window(context):
+    from app import inspect_tab
+
+    outputs = inspect_tab.load_sample(context, context.samples["which organ ?"])
+    assert outputs[4]["visible"] is False
+    assert "window/level unavailable" not in outputs[0]
+    with pytest.raises(gr.Error, match="not found"):
+        inspect_tab.load_sample(context, "missing-id")
+
+
+def test_display_text_keeps_word_spaces():
+    from app.inspect_tab import with_display_text
+    from support import tiny_vlm
+
+    vlm = tiny_vlm(image_size=16, patch_size=8)
+    ids = vlm.adapter.answer_ids("the chest shows a round nodule")
+    tokens = [{"token": t} for t in vlm.tokenizer.convert_ids_to_tokens(ids)]
+    pieces = [t["text"] for t in with_display_text(vlm.tokenizer, tokens)]
+    assert "".join(pieces) == "the chest shows a round nodule</s>"
