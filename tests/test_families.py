@@ -156,6 +156,16 @@ def test_dropout_cuts_family_tensors(family):
 
 
 @torch.no_grad()
+def test_copied_features_without_counts_rejected(family):
+    _, vlm = family
+    if not vlm.adapter.variable_image_tokens:
+        pytest.skip("fixed image token count")
+    _, _, prompt_ids, answers, features = prepared(vlm)
+    with pytest.raises(ValueError, match="carry no token counts"):
+        build_batch(vlm.adapter, vlm.model, prompt_ids, answers, features.clone(), [0, 1])
+
+
+@torch.no_grad()
 def test_cached_decoding_matches_generate(family):
     _, vlm = family
     images, prompts, _, _, _ = prepared(vlm)

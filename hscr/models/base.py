@@ -99,6 +99,11 @@ class FamilyAdapter:
         layout = image_layout(image_features)
         if layout is not None:
             return list(layout.token_counts)
+        if self.variable_image_tokens:
+            raise ValueError(
+                f"the {self.name} image features carry no token counts; pass the tensor that encode_images "
+                "returned on unchanged (a copy made with .to() or indexing drops them)"
+            )
         return [int(image_features.shape[1])] * int(image_features.shape[0])
 
     def sequence_extras(
