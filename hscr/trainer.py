@@ -494,8 +494,9 @@ def train(
         _write_json_atomic(output_dir / EFFECTIVE_CONFIG_FILE, dataclasses.asdict(config))
 
     logger.info(
-        "training %d samples, %d steps (global batch %d over %d processes, %d trainable parameters)",
-        len(samples), total_steps, schedule.global_batch, accelerator.num_processes, sum(p.numel() for p in trainable),
+        "training %d samples, %d steps (global batch %d over %d processes, %s, %d trainable parameters)",
+        len(samples), total_steps, schedule.global_batch, accelerator.num_processes,
+        accelerator.distributed_type.value, sum(p.numel() for p in trainable),
     )
     metrics_path = output_dir / METRICS_FILE
     if is_main:
