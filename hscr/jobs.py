@@ -486,9 +486,21 @@ def supervise(run_dir: str | Path) -> int:
         state = "failed"
     error = None
     if state == "failed":
-        error = f"exit code {code}" + (f" (signal {-code})" if code < 0 else "")
+        error = f"exit code {code}" + (f" ({_signal_text(-code)})" if code < 0 else "")
     _update_status(run_dir, state=state, exit_code=code, finished_at=_now(), error=error)
     return 0
+
+
+def _signal_text(signum: int) -> str:
+    """Describe the signal that ended a job, naming the usual sender of SIGKILL."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+    text = f"signal {signum}, {name}"
+    if signum == signal.SIGKILL:
+        text += ": killed from outside, for example by the out-of-memory killer"
+    return text
 
 
 def _grace(run_dir: Path) -> float:
