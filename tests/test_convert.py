@@ -39,15 +39,22 @@ def _source_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_original_checkpoint(root: Path) -> dict:
-    """Write a tiny CLIP tower and a tiny llava_mistral checkpoint in two safetensors shards."""
+def build_original_checkpoint(root: Path, vision_hidden: int = VISION_HIDDEN, vision_heads: int = 2,
+                              bundle_tower: bool = False) -> dict:
+    """Write a tiny CLIP tower and a tiny llava_mistral checkpoint in two safetensors shards.
+
+    With ``bundle_tower`` the CLIP weights are also stored in the checkpoint under LLaVA's
+    ``model.vision_tower.vision_tower.vision_model.*`` names, with the ``position_ids`` buffer that
+    transformers 4.3x saved, and ``mm_vision_tower`` names a tower that does not exist here.
+    """
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     clip_dir = root / "clip"
     clip = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=VISION_HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=3,
+        num_attention_heads=vision_heads,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
     )).eval()
     clip.save_pretrained(clip_dir)
@@ -65,13 +72,18 @@ def build_original_checkpoint(root: Path) -> dict:
     )
     mistral = MistralForCausalLM(text_config).eval()
     projector = {
-        "model.mm_projector.0.weight": torch.randn(TEXT_HIDDEN, VISION_HIDDEN) * 0.2,
+        "model.mm_projector.0.weight": torch.randn(TEXT_HIDDEN, vision_hidden) * 0.2,
         "model.mm_projector.0.bias": torch.randn(TEXT_HIDDEN) * 0.1,
         "model.mm_projector.2.weight": torch.randn(TEXT_HIDDEN, TEXT_HIDDEN) * 0.2,
         "model.mm_projector.2.bias": torch.randn(TEXT_HIDDEN) * 0.1,
     }
     state = {k: v.contiguous() for k, v in mistral.state_dict().items()}
     state.update(projector)
+    if bundle_tower:
+        for key, tensor in clip.state_dict().items():
+            state["model.vision_tower.vision_tower.vision_model." + key.removeprefix("vision_model.")] = tensor
+        state["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = \
+            torch.arange((IMAGE_SIZE // PATCH_SIZE) ** 2 + 1).unsqueeze(0)
     keys = sorted(state)
     shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
               "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
@@ -88,7 +100,8 @@ def build_original_checkpoint(root: Path) -> dict:
         "max_position_embeddings": 256, "rms_norm_eps": text_config.rms_norm_eps, "rope_theta": 10000.0,
         "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
         "hidden_act": "silu",
-        "mm_vision_tower": str(clip_dir), "mm_hidden_size": VISION_HIDDEN, "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_tower": "openai/not-cached-here" if bundle_tower else str(clip_dir),
+        "mm_hidden_size": vision_hidden, "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
         "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
     }
@@ -224,6 +237,28 @@ def test_converted_logits_equal_reference_forward(converted):
     source_vocab = original["source_vocab"]
     assert expected.shape == (len(ids), source_vocab)
     assert torch.allclose(logits[:, :source_vocab], expected, atol=1e-5)
+
+
+def test_bundled_tower_used_without_download(tmp_path):
+    # 64-dimensional heads, as in OpenAI CLIP, so the sizes can be read from the weights alone.
+    original = build_original_checkpoint(tmp_path, vision_hidden=64, vision_heads=1, bundle_tower=True)
+    report = convert_llava_med(original["src"], tmp_path / "out", pad_to_multiple=16)
+    assert report.vision_tower_bundled
+    assert report.ignored_keys == ["model.vision_tower.vision_tower.vision_model.embeddings.position_ids"]
+    assert set(report.key_map) | set(report.ignored_keys) == set(original["state"])
+
+    vlm = load_vlm(tmp_path / "out", device="cpu")
+    vision = vlm.model.config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads) == (64, 3, 1)
+    assert (vision.image_size, vision.patch_size) == (IMAGE_SIZE, PATCH_SIZE)
+    image = Image.new("RGB", (50, 70), (120, 40, 90))
+    prompt = vlm.adapter.prompt("which organ is shown ?")
+    inputs = vlm.processor(images=[image], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        logits = vlm.model(**inputs).logits[0]
+    expected = reference_logits(original, inputs["input_ids"][0].tolist(), vlm.model.config.image_token_index,
+                                inputs["pixel_values"])
+    assert torch.allclose(logits[:, : original["source_vocab"]], expected, atol=1e-5)
 
 
 def test_unknown_key_rejected(original, tmp_path):

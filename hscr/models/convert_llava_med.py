@@ -1,9 +1,10 @@
 """Convert an original LLaVA-Med v1.5 checkpoint into ``LlavaForConditionalGeneration`` format.
 
 The official LLaVA-Med v1.5 release (``llava_mistral``) stores Mistral weights with the projector
-as ``model.mm_projector.{0,2}.*`` and names the CLIP tower in ``mm_vision_tower`` instead of
-shipping it. The conversion maps every source key to its Hugging Face name, loads the CLIP tower
-(``--vision-tower``, default: the name in the source config) and adds ``<image>`` and ``<pad>`` to
+as ``model.mm_projector.{0,2}.*`` and names the CLIP tower in ``mm_vision_tower``. The conversion
+maps every source key to its Hugging Face name. It takes the CLIP weights from the checkpoint when
+they are bundled (``model.vision_tower.vision_tower.vision_model.*``) and otherwise loads the tower
+(``--vision-tower``, default: the name in the source config). It adds ``<image>`` and ``<pad>`` to
 the tokenizer and pads the vocabulary. The processor it writes pads images to a square with the
 CLIP mean colour before resizing, as the original preprocessing does.
 
@@ -34,8 +35,13 @@ PAD_TOKEN = "<pad>"
 # Source config keys the conversion cannot do without.
 REQUIRED_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
-# Keys that older LLaVA checkpoints store but that transformers recomputes (rotary tables).
-IGNORED_KEY = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+# Buffers that older checkpoints store but that transformers recomputes: rotary tables, and the
+# CLIP position ids that transformers 4.3x saved with a bundled tower.
+IGNORED_KEY = re.compile(
+    r"^(model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+    r"|model\.vision_tower\.vision_tower\.vision_model\.embeddings\.position_ids)$"
+)
+BUNDLED_TOWER_PREFIX = "model.vision_tower."
 
 # (pattern, replacement) from original to Hugging Face LLaVA names, tried in order.
 KEY_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -162,13 +168,53 @@ def load_vision_tower(name_or_path: str) -> tuple[Any, Any]:
             f"cannot load the CLIP vision tower {name_or_path!r}: {exc}. Download it first (for example "
             "`huggingface-cli download openai/clip-vit-large-patch14-336`) or pass a local folder with --vision-tower"
         ) from None
+    return tower, _clip_image_processor(name_or_path)
+
+
+def _clip_image_processor(name_or_path: str) -> Any:
     try:
         from transformers import CLIPImageProcessorPil
 
-        image_processor = CLIPImageProcessorPil.from_pretrained(name_or_path)
+        return CLIPImageProcessorPil.from_pretrained(name_or_path)
     except (OSError, ValueError):
-        image_processor = None  # a bare vision checkpoint: fall back to the CLIP defaults
-    return tower, image_processor
+        return None  # a bare vision checkpoint or not cached: the CLIP defaults apply
+
+
+def bundled_tower_config(name_or_path: str, mapped: dict[str, torch.Tensor]) -> Any:
+    """Return the config of a tower whose weights the checkpoint bundles.
+
+    The named tower's config is used when it can be read (a local folder or a cached hub id).
+    Otherwise the sizes are read from the weights, assuming OpenAI CLIP's 64-dimensional heads and
+    quick-GELU, which holds for the ViT-B/L towers that LLaVA models use.
+    """
+    from transformers import CLIPVisionConfig
+
+    try:
+        return CLIPVisionConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        pass
+    prefix = BUNDLED_TOWER_PREFIX
+    patch = mapped[prefix + "embeddings.patch_embedding.weight"]                   # (hidden, 3, p, p)
+    positions = mapped[prefix + "embeddings.position_embedding.weight"].shape[0]   # patches + CLS
+    hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
+    side = int(round((positions - 1) ** 0.5))
+    layers = {int(k.split(".")[4]) for k in mapped if k.startswith(prefix + "encoder.layers.")}
+    config = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=mapped[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=len(layers),
+        num_attention_heads=hidden // 64,
+        num_channels=channels,
+        image_size=side * patch_size,
+        patch_size=patch_size,
+        hidden_act="quick_gelu",
+    )
+    logger.warning(
+        "could not read the config of %s; inferred a CLIP tower from the bundled weights: %d layers, hidden %d, "
+        "%d heads, %d px images, %d px patches", name_or_path, config.num_hidden_layers, hidden,
+        config.num_attention_heads, config.image_size, patch_size,
+    )
+    return config
 
 
 def _text_config(source: dict[str, Any], vocab_size: int, pad_token_id: int) -> Any:
@@ -278,14 +324,18 @@ def convert_llava_med(
     if not tower_name:
         raise HSCRError(f"{src / 'config.json'} names no mm_vision_tower; pass --vision-tower PATH_OR_ID")
     report.vision_tower = str(tower_name)
-    tower, clip_processor = load_vision_tower(str(tower_name))
-    tower_config = tower.config
-    report.vision_tower_bundled = any(k.startswith("model.vision_tower.") for k in mapped)
-    if not report.vision_tower_bundled:
+    report.vision_tower_bundled = any(k.startswith(BUNDLED_TOWER_PREFIX) for k in mapped)
+    if report.vision_tower_bundled:
+        # The bundled weights are the ones the model was trained with; the named tower gives settings only.
+        tower_config = bundled_tower_config(str(tower_name), mapped)
+        clip_processor = _clip_image_processor(str(tower_name))
+    else:
+        tower, clip_processor = load_vision_tower(str(tower_name))
+        tower_config = tower.config
         for key, tensor in tower.state_dict().items():
             # transformers 4.x names the tower's weights `vision_model.*`, 5.x without the prefix.
-            mapped["model.vision_tower." + key.removeprefix("vision_model.")] = tensor
-    del tower
+            mapped[BUNDLED_TOWER_PREFIX + key.removeprefix("vision_model.")] = tensor
+        del tower
 
     # Tokenizer: add the image placeholder and a pad token, then pad the vocabulary.
     try:
