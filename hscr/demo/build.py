@@ -2,8 +2,8 @@
 
 ``ensure_demo`` is what ``python -m hscr demo`` and ``python app.py`` call. A second call finds
 the finished model (its manifest is written last) and the imported samples, and returns in
-seconds; ``force=True`` rebuilds the model from scratch and re-imports (existing samples are
-kept, since sample ids are content hashes).
+seconds. ``force=True`` rebuilds the model from scratch and re-imports the datasets. Existing
+samples are kept, because sample ids are content hashes.
 
     from hscr.demo import ensure_demo
     paths = ensure_demo("data")       # {"model_dir": "data/demo/model", "db_path": "data/hscr.duckdb", ...}
@@ -240,7 +240,7 @@ def _store_phantom(store: Store, cur, phantom: Phantom, recipe: DemoRecipe) -> i
 
 
 def describe(result: dict[str, Any]) -> str:
-    """A short human-readable summary of :func:`ensure_demo`'s result."""
+    """Format :func:`ensure_demo`'s result as a few human-readable lines."""
     report = result.get("report") or {}
     test, dropped = report.get("test") or {}, report.get("test_drop70") or {}
     lines = [f"demo model: {result['model_dir']} ({result['model_source']})",
