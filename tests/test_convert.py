@@ -24,19 +24,28 @@ IMAGE_SIZE, PATCH_SIZE = 56, 14     # 16 patches, plus CLS
 VISION_HIDDEN, TEXT_HIDDEN = 32, 48
 
 
-def _source_tokenizer():
-    """A Mistral-like tokenizer without <image> or <pad>, as in the original release."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def write_source_tokenizer(folder: Path) -> int:
+    """Write a Mistral-like SentencePiece ``tokenizer.model`` without <image> or <pad>, as in the release.
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Replace("\n", " ")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tok.train_from_iterator([CORPUS], trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    Returns the vocabulary size. Like the official checkpoint, the folder has no ``tokenizer.json``.
+    """
+    import sentencepiece
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join([CORPUS] * 20), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=90, hard_vocab_limit=False,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+    )
+    corpus.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False,
+    }))
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(folder)))
 
 
 def build_original_checkpoint(root: Path, vision_hidden: int = VISION_HIDDEN, vision_heads: int = 2,
@@ -63,10 +72,9 @@ def build_original_checkpoint(root: Path, vision_hidden: int = VISION_HIDDEN, vi
 
     src = root / "llava-med-v1.5"
     src.mkdir()
-    tokenizer = _source_tokenizer()
-    tokenizer.save_pretrained(src)
+    source_vocab = write_source_tokenizer(src)
     text_config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=source_vocab, hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     )
@@ -96,7 +104,7 @@ def build_original_checkpoint(root: Path, vision_hidden: int = VISION_HIDDEN, vi
         "architectures": ["LlavaMistralForCausalLM"],
         "model_type": "llava_mistral",
         "hidden_size": TEXT_HIDDEN, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": source_vocab,
         "max_position_embeddings": 256, "rms_norm_eps": text_config.rms_norm_eps, "rope_theta": 10000.0,
         "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
         "hidden_act": "silu",
@@ -107,7 +115,7 @@ def build_original_checkpoint(root: Path, vision_hidden: int = VISION_HIDDEN, vi
     }
     (src / "config.json").write_text(json.dumps(config, indent=2))
     return {"src": src, "clip_dir": clip_dir, "clip": clip, "mistral": mistral, "projector": projector,
-            "state": state, "source_vocab": len(tokenizer)}
+            "state": state, "source_vocab": source_vocab}
 
 
 def expand_to_square(image: Image.Image, mean: list[float]) -> Image.Image:

@@ -340,6 +340,11 @@ def convert_llava_med(
     # Tokenizer: add the image placeholder and a pad token, then pad the vocabulary.
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except ImportError as exc:
+        # The official release ships only a SentencePiece tokenizer.model, which needs both packages.
+        raise HSCRError(
+            f"cannot read the tokenizer in {src}: {exc}; install the packages with `pip install sentencepiece protobuf`"
+        ) from None
     except (OSError, ValueError, TypeError) as exc:
         raise HSCRError(f"cannot load the tokenizer in {src}: {exc}") from None
     embed_key = "model.language_model.embed_tokens.weight"
