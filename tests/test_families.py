@@ -9,6 +9,7 @@ evaluate must run end to end (marked slow).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,24 @@ def test_saved_family_loads_with_its_adapter(family, tmp_path):
     assert type(loaded.adapter) is type(vlm.adapter)
     assert loaded.adapter.image_token_id == vlm.adapter.image_token_id
     assert loaded.adapter.prompt("which organ is shown ?") == vlm.adapter.prompt("which organ is shown ?")
+
+
+def test_qwen_processor_without_torchvision_reported(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed, so the processor loads")
+    model, processor = build_tiny_qwen2_vl()
+    # The files of a released checkpoint, written without the video processor this class cannot save.
+    model.save_pretrained(tmp_path)
+    processor.tokenizer.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    config_path = tmp_path / "preprocessor_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(processor_class="Qwen2VLProcessor", image_processor_type="Qwen2VLImageProcessor")
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="cannot load the processor of .*Torchvision"):
+        load_vlm(tmp_path, device="cpu")
 
 
 def test_unsupported_architecture_lists_supported():

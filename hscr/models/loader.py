@@ -111,8 +111,9 @@ def load_vlm(
     torch_dtype = resolve_dtype(dtype, device)
     try:
         processor = AutoProcessor.from_pretrained(name)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load the processor of {name}: {exc}") from None
+    except (OSError, ValueError, TypeError, ImportError) as exc:
+        # ImportError: a missing optional package, e.g. torchvision for Qwen2-VL's video processor.
+        raise ModelLoadError(f"cannot load the processor of {name}: {str(exc).strip()}") from None
     try:
         model = model_cls.from_pretrained(name, dtype=torch_dtype)
     except torch.cuda.OutOfMemoryError:
