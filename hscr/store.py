@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -176,6 +177,11 @@ class Store:
         try:
             self._conn = duckdb.connect(str(self.db_path), read_only=read_only)
         except duckdb.IOException as exc:
+            if not read_only and not _writable(self.db_path):
+                raise ReadOnlyError(
+                    f"cannot open database {self.db_path} for writing: it or its folder is read-only; make "
+                    f"{self.data_dir} writable, or open it read-only"
+                ) from None
             raise HSCRError(
                 f"cannot open database {self.db_path}: {exc}. If another HSCR process (the app or a "
                 "command) has it open, stop that process or use another --db."
@@ -201,6 +207,11 @@ class Store:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """Run the block in one transaction on this thread's cursor; roll back on any error."""
+        if self.read_only:
+            raise ReadOnlyError(
+                f"the database {self.db_path} is open read-only because its folder is not writable, so "
+                f"nothing can be saved; make {self.data_dir} writable and restart"
+            )
         cur = self.cursor()
         cur.execute("BEGIN TRANSACTION")
         try:
@@ -208,8 +219,17 @@ class Store:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
-        else:
+        try:
             cur.execute("COMMIT")
+        except duckdb.Error as exc:
+            # A full disk fails the commit (the write-ahead log cannot grow); reads keep working.
+            with contextlib.suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+            logger.error("commit to %s failed: %s", self.db_path, exc)
+            raise HSCRError(
+                f"cannot save to {self.db_path} ({exc}); nothing of this change was saved. Free disk space "
+                f"in {self.data_dir} or make it writable, then try again"
+            ) from None
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> duckdb.DuckDBPyConnection:
         return self.cursor().execute(sql, params or [])
@@ -252,8 +272,15 @@ class Store:
         target = self.image_dir / f"{sha}.png"
         if not target.exists():
             tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(png_bytes)
-            tmp.replace(target)
+            try:
+                tmp.write_bytes(png_bytes)
+                tmp.replace(target)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise HSCRError(
+                    f"cannot write image {target}: {exc.strerror}; free disk space in {self.image_dir} or make it "
+                    "writable, then import again"
+                ) from None
         rel = target.relative_to(self.data_dir) if target.is_relative_to(self.data_dir) else target
         cur = cursor or self.cursor()
         cur.execute(
@@ -438,6 +465,17 @@ class Store:
 
     def reviews_for(self, sample_id: str) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM reviews WHERE sample_id = ? ORDER BY id", [sample_id])
+
+
+class ReadOnlyError(HSCRError):
+    """A write was requested but the database or its folder is read-only."""
+
+
+def _writable(path: Path) -> bool:
+    """Return whether the database file (or, before it exists, its folder) accepts writes."""
+    if path.exists():
+        return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+    return os.access(path.parent, os.W_OK)
 
 
 def _float_or_none(value: Any) -> float | None:
