@@ -187,7 +187,7 @@ def build(context: AppContext) -> tuple[tuple[Any, list, list], gr.Button, gr.Te
                                        elem_id="eval-dataset")
             eval_split = gr.Textbox(value="test", label="Split", elem_id="eval-split")
             eval_adapter = gr.Dropdown(adapters(context), value="", label="Model", elem_id="eval-adapter")
-            eval_limit = gr.Number(value=0, precision=0, label="Limit (0: every sample)")
+            eval_limit = gr.Number(value=0, precision=0, label="Limit (0: every sample)", elem_id="eval-limit")
             eval_start = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
         eval_message = gr.Markdown(elem_id="eval-message")
         eval_jobs = gr.Markdown(elem_id="eval-jobs")

@@ -154,3 +154,19 @@ def click_row(page: Any, elem_id: str, text: str) -> None:
     """
     row = page.locator(f"#{elem_id} .virtual-row").filter(has_text=text).first
     row.locator(".body-cell").first.click()
+
+
+def open_app(page: Any, url: str, attempts: int = 3, timeout: float = 60_000) -> None:
+    """Load the app page, reloading when the Gradio frontend stays on its loading screen.
+
+    NOTE: on a heavily loaded machine Chromium sometimes never receives some of the frontend's
+    script responses and the page stays on "Loading..."; a reload recovers it.
+    """
+    for attempt in range(attempts):
+        page.goto(url)
+        try:
+            page.locator("#main-tabs").wait_for(state="visible", timeout=timeout)
+            return
+        except Exception:  # playwright's TimeoutError; the last attempt re-raises below
+            if attempt == attempts - 1:
+                raise

@@ -3,7 +3,8 @@
 One app process serves every step of this module, in order: browse the data, colour the tokens
 of a sample, edit and re-rank in the review queue, train with live curves, cancel and resume,
 evaluate and compare, then restart the app and check what the database and the run folder kept.
-Screenshots of each tab go to ``docs/`` (or ``$HSCR_SCREENSHOTS``).
+Screenshots of each tab go to ``$HSCR_SCREENSHOTS`` (default: the module's temporary folder).
+``docs/screenshots.py`` takes the README's screenshots from the demo model instead.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from pathlib import Path
 import pytest
 
 from app.auth import hash_password, write_users
-from browser import REPO, AppProcess, chromium_path, click_row, fill, launch_chromium, local_only, open_tab
+from browser import AppProcess, chromium_path, click_row, fill, launch_chromium, local_only, open_app, open_tab
 from support import save_tiny_model, write_image_folder
 
 pytestmark = pytest.mark.slow
 sync_api = pytest.importorskip("playwright.sync_api")
 
-SCREENSHOTS = Path(os.environ.get("HSCR_SCREENSHOTS", REPO / "docs"))
 ROWS = [
     ("img0.png", "is there a lesion in the left lung ?", "yes"),
     ("img1.png", "what modality is this image ?", "ct"),
@@ -83,21 +83,23 @@ def app(workspace):
 
 
 @pytest.fixture(scope="module")
-def page(app):
+def page(app, workspace):
     with sync_api.sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         context.set_default_timeout(60_000)
         tab = context.new_page()
         tab.blocked = local_only(tab)
-        tab.goto(app.url)
+        tab.screenshot_dir = workspace["root"] / "screenshots"
+        open_app(tab, app.url)
         yield tab
         browser.close()
 
 
 def screenshot(page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"app-{name}.png"), full_page=True)
+    folder = Path(os.environ.get("HSCR_SCREENSHOTS") or page.screenshot_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"app-{name}.png"), full_page=True)
 
 
 def test_data_tab_lists_samples(page):
@@ -260,7 +262,7 @@ def test_restart_with_login_keeps_state(app, workspace, page):
     write_users(users, {"alice": hash_password("alice-password", rounds=4)})
     app.extra_args = ["--auth", str(users)]
     app.start(timeout=120)
-    page.goto(app.url)
+    page.goto(app.url)  # the login page first; open_app waits for the tabs, which come after it
     page.locator("input[type=password]").wait_for()
     page.locator("input[type=text], input:not([type])").first.fill("alice")
     page.locator("input[type=password]").fill("alice-password")
