@@ -7,7 +7,7 @@ cover whole pixels at the 64-pixel input, and the build keeps training until a h
 accuracy threshold is met or a step limit is reached.
 
     from hscr.demo.model import DemoRecipe, train_demo_model
-    report = train_demo_model(DemoRecipe(steps=300), "data/demo/model")
+    report = train_demo_model(DemoRecipe(steps=300, max_steps=300), "/tmp/demo-model")
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from hscr.models.tiny import build_tiny_llava
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+
 
 # -- tokenizer -------------------------------------------------------------------------------------
 
