@@ -194,6 +194,21 @@ def test_packed_logps_equal_repeated(family):
     assert torch.allclose(packed, repeated, atol=1e-4)
 
 
+def test_turn_markers_count_as_special(family):
+    name, vlm = family
+    markers = {"gemma3": ["<end_of_turn>", "<start_of_turn>"], "qwen2_vl": ["<|im_start|>", "<|im_end|>"],
+               "qwen2_5_vl": ["<|im_start|>", "<|im_end|>"]}.get(name)
+    if markers is None:
+        pytest.skip(f"{name} has no chat-turn markers")
+    special = vlm.adapter.special_token_ids()
+    for marker in markers:
+        assert vlm.tokenizer.convert_tokens_to_ids(marker) in special, marker
+    assert vlm.adapter.image_token_id in special
+    answer = vlm.adapter.answer_ids("yes")
+    assert answer[-1] in special
+    assert not set(answer[:-1]) & special
+
+
 def test_saved_family_loads_with_its_adapter(family, tmp_path):
     name, vlm = family
     if name.startswith("qwen"):

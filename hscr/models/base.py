@@ -166,6 +166,16 @@ def image_layout(image_features: torch.Tensor) -> ImageLayout | None:
     return getattr(image_features, _LAYOUT_ATTRIBUTE, None)
 
 
+def added_special_ids(tokenizer: Any) -> set[int]:
+    """Return the ids of every added token flagged special, such as chat-turn markers.
+
+    ``all_special_ids`` lists only the named special tokens, which in Gemma 3 and Qwen2-VL
+    tokenizers leaves out markers like ``<end_of_turn>`` and ``<|im_start|>``.
+    """
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {int(token_id) for token_id, token in decoder.items() if getattr(token, "special", False)}
+
+
 def unwrap_model(model: Any) -> Any:
     """Return the transformers model under a PEFT or DDP wrapper (LoRA layers stay in place)."""
     inner = model

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from hscr.errors import ModelLoadError
-from hscr.models.base import FamilyAdapter, unwrap_model
+from hscr.models.base import FamilyAdapter, added_special_ids, unwrap_model
 
 TOKEN_TYPE_IDS = "token_type_ids"
 
@@ -76,6 +76,10 @@ class Gemma3Adapter(FamilyAdapter):
             return list(ids) + [end_of_turn]
         eos = self.tokenizer.eos_token_id
         return list(ids) + ([eos] if eos is not None else [])
+
+    def special_token_ids(self) -> set[int]:
+        # Chat-turn markers are added special tokens that all_special_ids leaves out.
+        return super().special_token_ids() | added_special_ids(self.tokenizer)
 
     def image_features(self, model: Any, pixel_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         inner = unwrap_model(model)

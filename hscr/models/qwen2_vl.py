@@ -21,7 +21,14 @@ from typing import Any, Sequence
 import torch
 
 from hscr.errors import ModelLoadError
-from hscr.models.base import FamilyAdapter, ImageLayout, attach_image_layout, image_layout, unwrap_model
+from hscr.models.base import (
+    FamilyAdapter,
+    ImageLayout,
+    added_special_ids,
+    attach_image_layout,
+    image_layout,
+    unwrap_model,
+)
 
 MROPE_POSITION_IDS = "mrope_position_ids"
 
@@ -79,6 +86,10 @@ class Qwen2VLAdapter(FamilyAdapter):
                 )
             rows.append(self.tokenizer(text.replace(self.image_token, self.image_token * num_image_tokens))["input_ids"])
         return rows
+
+    def special_token_ids(self) -> set[int]:
+        # Chat-turn markers are added special tokens that all_special_ids leaves out.
+        return super().special_token_ids() | added_special_ids(self.tokenizer)
 
     def image_features(self, model: Any, pixel_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         inner = unwrap_model(model)
