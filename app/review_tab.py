@@ -19,7 +19,7 @@ from app import plots, queries
 from app.state import AppContext, bind, user_name
 from hscr.errors import HSCRError
 from hscr.images import open_stored
-from hscr.reviews import ReviewState, record_review, review_state
+from hscr.reviews import ReviewState, fold_reviews, record_review, review_state
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,18 @@ def _queue_filter(dataset: str, status: str) -> queries.SampleFilter:
     )
 
 
-def dispreferred(context: AppContext, sample_id: str, state: ReviewState) -> list[dict[str, Any]]:
+def dispreferred(
+    context: AppContext, sample_id: str, state: ReviewState, candidates: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """Return the sample's dispreferred answers, numbered, with reviews applied.
 
     The default training order is the kept answers by rank (most similar first); a rerank
-    replaces it. Answers marked acceptable are excluded from training.
+    replaces it. Answers marked acceptable are excluded from training. ``candidates`` saves a
+    query when the caller already read the sample's candidates.
     """
-    rows = [c for c in context.store.candidates_for(sample_id) if c["num_replaced"] > 0]
+    if candidates is None:
+        candidates = context.store.candidates_for(sample_id)
+    rows = [c for c in candidates if c["num_replaced"] > 0]
     rows.sort(key=lambda c: (not c["kept"], c["rank"] if c["rank"] is not None else 1 << 30, c["num_replaced"]))
     if state.order is not None:
         order = [cid for cid in state.order if cid not in state.excluded]
@@ -112,9 +117,9 @@ def _candidates_html(chosen: str, rows: list[dict[str, Any]]) -> str:
     )
 
 
-def _history(context: AppContext, sample_id: str, numbers: dict[str, int]) -> pd.DataFrame:
+def _history(reviews: list[dict[str, Any]], numbers: dict[str, int]) -> pd.DataFrame:
     rows = []
-    for review in context.store.reviews_for(sample_id):
+    for review in reviews:
         payload = json.loads(review.get("payload_json") or "{}")
         if "order" in payload:
             details = "order: " + ", ".join(f"#{numbers.get(cid, '?')}" for cid in payload["order"])
@@ -157,12 +162,13 @@ def review_view(context: AppContext, dataset: str, status: str, position: float)
         return ("", position, progress, None, "", "", empty, gr.update(choices=[], value=None), "",
                 pd.DataFrame(columns=HISTORY_COLUMNS), "")
     detail = queries.sample_detail(context.store, sample["id"])
-    state = review_state(context.store, sample["id"])
-    rows = dispreferred(context, sample["id"], state)
+    reviews = context.store.reviews_for(sample["id"])
+    state = fold_reviews(reviews)
+    candidates = context.store.candidates_for(sample["id"])
+    rows = dispreferred(context, sample["id"], state, candidates)
     chosen = state.chosen_text or detail["answer"]
     # Words are marked against the answer the candidates were generated from, even after an edit.
-    generated_from = next((c["text"] for c in context.store.candidates_for(sample["id"]) if c["num_replaced"] == 0),
-                          detail["answer"])
+    generated_from = next((c["text"] for c in candidates if c["num_replaced"] == 0), detail["answer"])
     numbers = {row["id"]: row["number"] for row in rows}
     order = ",".join(str(row["number"]) for row in sorted(
         (r for r in rows if r["training_rank"] is not None), key=lambda r: r["training_rank"]))
@@ -176,7 +182,7 @@ def review_view(context: AppContext, dataset: str, status: str, position: float)
     return (
         sample["id"], position, progress, image, f"**Q:** {detail['question']}\n\n{info}", chosen,
         _candidates_html(generated_from, rows), gr.update(choices=choices, value=choices[0][1] if choices else None),
-        order, _history(context, sample["id"], numbers), rows[0]["current_text"] if rows else "",
+        order, _history(reviews, numbers), rows[0]["current_text"] if rows else "",
     )
 
 

@@ -31,6 +31,8 @@ def main() -> int:
 
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=180_000)
+
     from hscr.demo import ensure_demo
 
     data = Path(args.data)

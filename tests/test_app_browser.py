@@ -25,6 +25,8 @@ from support import save_tiny_model, write_image_folder
 
 pytestmark = pytest.mark.slow
 sync_api = pytest.importorskip("playwright.sync_api")
+# Jobs and model calls share two busy cores with other tests, so waits get a generous default.
+sync_api.expect.set_options(timeout=60_000)
 
 ROWS = [
     ("img0.png", "is there a lesion in the left lung ?", "yes"),
