@@ -32,7 +32,7 @@ class Gemma3Adapter(FamilyAdapter):
                 f"the Gemma 3 model has no usable image token: config.image_token_index is {token_id!r} but the "
                 f"tokenizer has {vocab_size} tokens; use the processor files that came with the checkpoint"
             )
-        for attribute in ("boi_token", "eoi_token"):
+        for attribute in ("boi_token", "eoi_token", "image_token"):
             if not getattr(self.tokenizer, attribute, None):
                 raise ModelLoadError(
                     f"the Gemma 3 tokenizer defines no {attribute}; use the processor files that came with the checkpoint"
