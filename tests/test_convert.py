@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "[INST] is there a lesion in the left lung ? yes no [/INST] which organ is shown ? chest brain liver"
 IMAGE_SIZE, PATCH_SIZE = 56, 14     # 16 patches, plus CLS
 VISION_HIDDEN, TEXT_HIDDEN = 32, 48
+ROPE_THETA = 1_000_000.0            # LLaVA-Med v1.5's value, not Mistral's default of 10000
 
 
 def write_source_tokenizer(folder: Path) -> int:
@@ -76,7 +77,7 @@ def build_original_checkpoint(root: Path, vision_hidden: int = VISION_HIDDEN, vi
     text_config = MistralConfig(
         vocab_size=source_vocab, hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, rope_theta=ROPE_THETA,
     )
     mistral = MistralForCausalLM(text_config).eval()
     projector = {
@@ -105,7 +106,7 @@ def build_original_checkpoint(root: Path, vision_hidden: int = VISION_HIDDEN, vi
         "model_type": "llava_mistral",
         "hidden_size": TEXT_HIDDEN, "intermediate_size": 96, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": source_vocab,
-        "max_position_embeddings": 256, "rms_norm_eps": text_config.rms_norm_eps, "rope_theta": 10000.0,
+        "max_position_embeddings": 256, "rms_norm_eps": text_config.rms_norm_eps, "rope_theta": ROPE_THETA,
         "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
         "hidden_act": "silu",
         "mm_vision_tower": "openai/not-cached-here" if bundle_tower else str(clip_dir),
@@ -207,6 +208,7 @@ def test_vocabulary_padded_with_new_tokens(converted):
     assert tokenizer.pad_token_id == source_vocab + 1
     assert vlm.model.config.image_token_index == source_vocab
     assert vlm.model.config.text_config.vocab_size == report.vocab_size
+    assert vlm.model.config.text_config.rope_parameters["rope_theta"] == ROPE_THETA
     # New rows start at the mean of the original embeddings.
     embed = vlm.model.get_input_embeddings().weight
     assert torch.allclose(embed[source_vocab], original["state"]["model.embed_tokens.weight"].mean(0), atol=1e-6)
