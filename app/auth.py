@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 
@@ -109,6 +110,52 @@ class PasswordCheck:
             logger.error("login failed: %s", exc)
             return False
         return check_password(self._users, user, password)
+
+
+class HideApiInfoFromLogin:
+    """ASGI middleware that blanks the API description on the login page.
+
+    Gradio 6.31 guards ``/config`` and every API route with the login, but its ``/`` route
+    embeds ``window.gradio_api_info`` (every endpoint with its dropdown choices, such as dataset
+    names) even in the login page it serves to anonymous visitors.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") not in ("GET", "HEAD") or scope.get("path") != "/":
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Any] = {}
+        body = bytearray()
+
+        async def capture(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body.extend(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            content = bytes(body)
+            if b'"auth_required":true' in content.replace(b" ", b""):
+                content = _API_INFO.sub(b"window.gradio_api_info = null;</script>", content)
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(content)).encode("ascii")))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": content if scope["method"] == "GET" else b""})
+
+        await self.app(scope, receive, capture)
+
+
+_API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.DOTALL)
+
+
+def anonymous_page_middleware() -> Any:
+    """Return the middleware entry for ``launch(app_kwargs={"middleware": [...]})``."""
+    from starlette.middleware import Middleware
+
+    return Middleware(HideApiInfoFromLogin)
 
 
 def _read_new_password(from_stdin: bool) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -64,7 +65,11 @@ def _store_upload(context: AppContext, file_path: Path) -> tuple[str, str | None
         loaded.png_bytes(), loaded.image.width, loaded.image.height,
         modality=loaded.modality, source_format=loaded.source_format, meta=loaded.meta,
     )
-    save_window_pixels(context.store.image_path(image_id), loaded)
+    try:
+        save_window_pixels(context.store.image_path(image_id), loaded)
+    except OSError as exc:
+        raise HSCRError(f"cannot write the pixel values of {file_path.name}: {exc.strerror}; free disk space "
+                        f"in {context.data_dir} and upload again") from None
     return image_id, loaded.modality
 
 
@@ -83,6 +88,35 @@ def upload_files(
     if not files:
         raise gr.Error("Choose one or more image, DICOM or samples.csv files to upload.")
     paths = [Path(f) for f in files]
+    try:
+        return _import_uploads(context, paths, dataset, split, question, answer)
+    finally:
+        remove_uploads(paths)
+
+
+def remove_uploads(paths: list[Path]) -> None:
+    """Delete uploaded files from Gradio's cache once they are imported.
+
+    The raw uploads still carry every DICOM tag (patient name, ids, institution); only the
+    de-identified image that the store keeps may stay on disk.
+    """
+    cache = os.environ.get("GRADIO_TEMP_DIR")
+    if not cache:
+        return
+    root = Path(cache).resolve()
+    for path in paths:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root) or resolved == root:
+            continue
+        try:
+            resolved.unlink(missing_ok=True)
+            if resolved.parent != root and not any(resolved.parent.iterdir()):
+                resolved.parent.rmdir()
+        except OSError as exc:
+            logger.warning("could not remove the upload %s from the cache: %s", resolved.name, exc.strerror)
+
+
+def _import_uploads(context: AppContext, paths: list[Path], dataset: str, split: str, question: str, answer: str) -> str:
     dataset = dataset.strip() or "uploads"
     split = split.strip() or "train"
     csv_files = [p for p in paths if p.name.lower().endswith(".csv")]

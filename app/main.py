@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -45,7 +46,12 @@ def make_parser() -> argparse.ArgumentParser:
 def prepare_environment(data_dir: Path) -> None:
     """Point Gradio's cache into the data folder and turn off its network calls; call before importing gradio."""
     cache = data_dir / "cache" / "gradio"
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # A read-only data folder can still be browsed; the cache then lives in a private temporary folder.
+        cache = Path(tempfile.mkdtemp(prefix="hscr-gradio-"))
+        logger.warning("cannot create the Gradio cache in %s (%s); using %s", data_dir, exc.strerror, cache)
     os.environ["GRADIO_TEMP_DIR"] = str(cache.resolve())
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -72,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     db_path = Path(args.db)
     data_dir = db_path.parent
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HSCRError(f"cannot create the data folder {data_dir}: {exc.strerror}; choose another --db") from None
         prepare_environment(data_dir)
         model = args.model or default_model(db_path, build_demo=not args.no_demo)
         return serve(args, db_path, model)
@@ -84,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace, db_path: Path, model: str) -> int:
     import gradio as gr
 
-    from app.auth import PasswordCheck, read_users
+    from app.auth import PasswordCheck, anonymous_page_middleware, read_users
     from app.inspect_tab import warm_up
     from app.layout import CSS, build_app
     from app.state import AppContext, ModelCache
     from hscr.models.loader import resolve_device
-    from hscr.store import Store
+    from hscr.store import ReadOnlyError, Store
 
     auth = None
     if args.auth:
@@ -102,7 +111,13 @@ def serve(args: argparse.Namespace, db_path: Path, model: str) -> int:
         logger.warning("binding %s: other machines on the network can reach the app%s", args.host,
                        "" if auth else "; consider --auth")
 
-    store = Store(db_path)
+    try:
+        store = Store(db_path)
+    except ReadOnlyError as exc:
+        # Reviews and imports then fail with a clear message; browsing and inspecting keep working.
+        print(f"warning: {exc}; serving the data read-only", file=sys.stderr)
+        logger.warning("%s; serving the data read-only", exc)
+        store = Store(db_path, read_only=True)
     context = AppContext(
         store=store,
         model=model,
@@ -129,6 +144,7 @@ def serve(args: argparse.Namespace, db_path: Path, model: str) -> int:
             show_error=True,
             theme=theme,
             css=CSS,
+            app_kwargs={"middleware": [anonymous_page_middleware()]} if auth else None,
         )
     finally:
         store.close()

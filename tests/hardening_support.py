@@ -13,7 +13,7 @@ from support import write_image_folder
 RUN_ID = "gen-hardening"
 
 
-def seed_review_db(db_path: Path, work: Path, num_samples: int = 6) -> dict[str, list[str]]:
+def seed_review_db(db_path: Path, work: Path, num_samples: int = 6, dataset: str = "seed") -> dict[str, list[str]]:
     """Import ``num_samples`` samples and write generated candidates for each.
 
     Returns sample id -> ids of its dispreferred candidates. The store is closed afterwards, so
@@ -23,8 +23,8 @@ def seed_review_db(db_path: Path, work: Path, num_samples: int = 6) -> dict[str,
             for k in range(num_samples)]
     write_image_folder(work / "seed-images", rows, image_size=16)
     with Store(db_path) as store:
-        folder.import_path(store, work / "seed-images", ImportOptions(name="seed"))
-        sample_ids = [s["id"] for s in store.samples(dataset="seed")]
+        folder.import_path(store, work / "seed-images", ImportOptions(name=dataset))
+        sample_ids = [s["id"] for s in store.samples(dataset=dataset)]
         store.ensure_generation_run(RUN_ID, "tiny", "{}")
         results = []
         for sample_id in sample_ids:
