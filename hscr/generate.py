@@ -71,8 +71,10 @@ def _greedy_under_dropout(
     config: GenerateConfig,
 ) -> list[list[int]]:
     """Continue each prefix greedily under the dropped image until EOS (the ``redecode`` option)."""
+    from hscr.decoding import eos_token_ids
+
     adapter, model = vlm.adapter, vlm.model
-    eos = adapter.tokenizer.eos_token_id
+    stop_ids = eos_token_ids(vlm)  # the tokenizer's EOS plus turn ends such as Gemma's <end_of_turn>
     pad = adapter.tokenizer.pad_token_id or 0
     outputs = [list(p) for p in prefixes]
     active = [True] * len(outputs)
@@ -89,7 +91,7 @@ def _greedy_under_dropout(
         for slot, i in enumerate(rows):
             next_id = int(logits[slot, len(outputs[i])].argmax())
             outputs[i].append(next_id)
-            if next_id == eos:
+            if next_id in stop_ids:
                 active[i] = False
     return outputs
 

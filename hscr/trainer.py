@@ -441,6 +441,13 @@ def train(
     samples = prepare_samples(rows, vlm.adapter, num_image_tokens, config.num_dispreferred)
     vlm.model.to(accelerator.device)
 
+    if config.shared_prefix and not vlm.adapter.supports_packed_prefix:
+        logger.warning(
+            "the %s family does not support the packed shared-prefix forward; training with one sequence "
+            "per answer (set shared_prefix=false to silence this warning)", vlm.adapter.name
+        )
+        config = dataclasses.replace(config, shared_prefix=False)
+
     # Reference log-probs for edited texts, with the model before LoRA.
     reference_path = output_dir / REFERENCE_FILE
     computed: dict[str, list[float]] = {}

@@ -28,6 +28,9 @@ class FamilyAdapter:
 
     name = "base"
     architectures: tuple[str, ...] = ()
+    # False where the packed MLPO forward (a block attention mask over prefix + all answers) does
+    # not fit the family's per-token tensors; training then runs one sequence per answer.
+    supports_packed_prefix = True
 
     def __init__(self, model: Any, processor: Any):
         self.processor = processor

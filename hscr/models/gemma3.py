@@ -22,6 +22,7 @@ TOKEN_TYPE_IDS = "token_type_ids"
 class Gemma3Adapter(FamilyAdapter):
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
+    supports_packed_prefix = False
 
     def find_image_token_id(self, model: Any) -> int:
         config = unwrap_model(model).config

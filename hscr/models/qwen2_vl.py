@@ -44,6 +44,7 @@ class MropeCache:
 class Qwen2VLAdapter(FamilyAdapter):
     name = "qwen2_vl"
     architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    supports_packed_prefix = False
     variable_image_tokens = True
 
     def __init__(self, model: Any, processor: Any):
