@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from browser import REPO, AppProcess
 from hscr.datasets import folder
 from hscr.datasets.common import ImportOptions
 from hscr.store import Store
@@ -63,3 +71,58 @@ def consistency_problems(db_path: Path) -> list[str]:
         image_dir = store.image_dir
     problems += [f"temporary file left behind: {path}" for path in image_dir.glob("*.tmp")]
     return problems
+
+
+class PrefixedApp(AppProcess):
+    """``python app.py`` started through a wrapper command, such as ``setpriv`` or ``unshare``."""
+
+    def __init__(self, db: Path, model: Path | str, prefix: list[str], extra_args: list[str] | None = None):
+        super().__init__(db, model, extra_args)
+        self.prefix = list(prefix)
+
+    def start(self, timeout: float = 90.0) -> "PrefixedApp":
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        command = [*self.prefix, sys.executable, str(REPO / "app.py"), "--model", self.model, "--db", str(self.db),
+                   "--port", str(self.port), *self.extra_args]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the app exited with code {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"the app did not answer on {self.url} within {timeout:.0f} s:\n{self.log()}")
+
+
+def without_root_override() -> list[str]:
+    """Return a command prefix under which file modes bind root too, or [] for other users.
+
+    Root ignores read-only modes through CAP_DAC_OVERRIDE; ``setpriv`` drops it from the
+    capability bounding set of the started program.
+    """
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        raise FileNotFoundError("setpriv (util-linux) is needed to test read-only folders as root")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+def tmpfs_prefix(mount_point: Path, seed: Path, size_mb: int) -> list[str] | None:
+    """Return a command prefix that runs the program with a ``size_mb`` tmpfs mounted at ``mount_point``
+    holding a copy of ``seed``, in its own user and mount namespace; None when the kernel forbids it."""
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount_point}"],
+                           capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        return None
+    script = f'mount -t tmpfs -o size={size_mb}m tmpfs "$0" && cp -a "$1"/. "$0"/ && shift && exec "$@"'
+    return ["unshare", "-rm", "sh", "-c", script, str(mount_point), str(seed)]

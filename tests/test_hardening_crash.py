@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from safetensors.torch import load_file
 
@@ -178,3 +179,123 @@ def test_sigkill_app_keeps_acknowledged_reviews(tmp_path, tiny_model_dir):
     assert len(texts) == len(set(texts))                         # no write was applied twice
     assert set(before_restart) <= set(texts)
     assert all(text.startswith("w") and text.split("-")[1].isdigit() for text in texts)
+
+
+# -- an unwritable data folder --------------------------------------------------------------------
+
+
+def make_read_only(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+def test_read_only_data_folder_serves_reads(tmp_path, tiny_model_dir):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from hardening_support import PrefixedApp, without_root_override
+    from support import random_image
+
+    db = tmp_path / "data" / "hscr.duckdb"
+    samples = seed_review_db(db, tmp_path, num_samples=2)
+    sample = next(iter(samples))
+    upload = tmp_path / "new.png"
+    random_image(5).save(upload)
+    make_read_only(tmp_path / "data")
+    prefix = without_root_override()
+
+    # The command line names the problem and exits.
+    import subprocess
+    import sys
+
+    cli = subprocess.run([*prefix, sys.executable, "-m", "hscr", "import", "folder", str(tmp_path / "seed-images"),
+                          "--db", str(db)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert cli.returncode == 2
+    assert "read-only" in cli.stderr
+    assert "Traceback" not in cli.stderr
+
+    app = PrefixedApp(db, tiny_model_dir, prefix)
+    app.log_path = tmp_path / "app.log"                       # the data folder takes no log file
+    with app:
+        client = Client(app.url, verbose=False)
+        view = client.predict("(all)", "(all)", 1, api_name="/review_view")
+        assert view[0] in samples
+        with pytest.raises(AppError, match="read-only"):
+            client.predict(sample, "edited while read-only", api_name="/save_chosen_edit")
+        report = client.predict([handle_file(str(upload))], "uploads", "train", "is it new ?", "yes",
+                                api_name="/upload_files")
+        assert "imported 0 samples" in report
+        assert "error:" in report
+        counts = client.predict("(all)", "(all)", "(all)", "(all)", "(all)", 1, api_name="/browse")[1]
+        assert "**2** samples match" in counts
+        assert app.process.poll() is None
+    assert "serving the data read-only" in app.log()
+    with Store(db, read_only=True) as store:
+        assert store.query("SELECT count(*) AS n FROM reviews")[0]["n"] == 0
+
+
+def test_full_data_folder_serves_reads(tmp_path, tiny_model_dir):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from hardening_support import PrefixedApp, tmpfs_prefix
+    from support import random_image
+
+    seed = tmp_path / "seed"
+    samples = seed_review_db(seed / "hscr.duckdb", tmp_path, num_samples=2)
+    sample = next(iter(samples))
+    mount_point = tmp_path / "data"
+    mount_point.mkdir()
+    prefix = tmpfs_prefix(mount_point, seed, size_mb=32)
+    if prefix is None:
+        pytest.skip("unprivileged user and mount namespaces are not available, so no small disk can be mounted")
+    upload = tmp_path / "new.png"
+    random_image(5).save(upload)
+
+    app = PrefixedApp(mount_point / "hscr.duckdb", tiny_model_dir, prefix)
+    app.log_path = tmp_path / "app.log"
+    with app:
+        # The test sees the app's tmpfs through the process's root in its mount namespace.
+        data = Path(f"/proc/{app.process.pid}/root") / mount_point.relative_to("/")
+        client = Client(app.url, verbose=False)
+        client.predict(sample, "saved before the disk filled", api_name="/save_chosen_edit")
+        filler = data / "filler"
+        with open(filler, "wb") as handle:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    handle.write(b"\0" * (1 << 20))
+                    handle.flush()
+
+        # The last page of the write-ahead log may still take a few small commits.
+        acknowledged, failure = [], None
+        for number in range(200):
+            try:
+                client.predict(sample, f"written on a full disk {number}", api_name="/save_chosen_edit")
+            except AppError as exc:
+                failure = str(exc)
+                break
+            acknowledged.append(f"written on a full disk {number}")
+        assert failure is not None
+        assert "No space left on device" in failure
+        assert "nothing of this change was saved" in failure
+        # NOTE: Gradio's own upload route answers a full disk with HTTP 500 and no message; the app
+        # keeps running, and nothing reaches the database.
+        with pytest.raises(httpx.HTTPStatusError, match="500"):
+            client.predict([handle_file(str(upload))], "uploads", "train", "is it new ?", "yes",
+                           api_name="/upload_files")
+        counts = client.predict("(all)", "(all)", "(all)", "(all)", "(all)", 1, api_name="/browse")[1]
+        assert "**2** samples match" in counts
+        # NOTE: Gradio writes every image it sends into its cache, so views with an image fail until
+        # space is freed; tables and text keep working.
+        with pytest.raises(AppError, match="No space left on device"):
+            client.predict("(all)", "(all)", 1, api_name="/review_view")
+
+        filler.unlink()
+        view = client.predict("(all)", "(all)", 1, api_name="/review_view")
+        assert view[0] in samples
+        client.predict(sample, "saved after space was freed", api_name="/save_chosen_edit")
+        position = 1 if view[0] == sample else 2
+        history = client.predict("(all)", "(all)", position, api_name="/review_view")[9]
+        details = [row[history["headers"].index("details")] for row in history["data"]]
+        assert app.process.poll() is None
+    assert details == ["saved before the disk filled", *acknowledged, "saved after space was freed"]
