@@ -183,16 +183,21 @@ def plot_points(page) -> int:
     )
 
 
+def choose_preset(page, name: str) -> None:
+    page.locator("#train-preset input").click()
+    page.get_by_role("option", name=name).click()
+
+
 def test_training_curve_cancel_resume(page):
     open_tab(page, "Train")
     sync_api.expect(page.locator("#train-device")).to_contain_text("Device:")
-    page.locator("#train-preset input").click()
-    page.get_by_role("option", name="smoke test (4 steps)").click()
+    choose_preset(page, "smoke test (4 steps)")
     page.get_by_text("Settings").click()
-    fill(page, "train-max-steps", "16")
+    # Far more steps than the test waits for, so the run is still going when cancel arrives.
+    fill(page, "train-max-steps", "400")
     page.locator("#train-start").click()
     status = page.locator("#train-status")
-    sync_api.expect(status).to_contain_text("state running", timeout=60_000)
+    sync_api.expect(status).to_contain_text("state running")
 
     page.wait_for_function(
         "() => { const p = document.querySelector('#train-curves .js-plotly-plot');"
@@ -204,7 +209,7 @@ def test_training_curve_cancel_resume(page):
     sync_api.expect(status).to_contain_text("state cancelled", timeout=90_000)
     sync_api.expect(status).to_contain_text("Resume")
     stopped_at = plot_points(page)
-    assert 1 <= stopped_at < 16
+    assert 1 <= stopped_at < 400
 
     page.locator("#train-resume").click()
     sync_api.expect(page.locator("#train-message")).to_contain_text("Resumed")
@@ -213,10 +218,26 @@ def test_training_curve_cancel_resume(page):
         f" return p && p.data[0].x.length > {stopped_at}; }}",
         timeout=120_000,
     )
-    screenshot(page, "train")
+    steps = page.evaluate("() => document.querySelector('#train-curves .js-plotly-plot').data[0].x")
+    assert steps == sorted(set(steps))  # resumed from the checkpoint: no step logged twice
+    page.locator("#train-cancel").click()
+    sync_api.expect(status).to_contain_text("state cancelled", timeout=90_000)
+
+
+def test_training_run_finishes(page):
+    choose_preset(page, "smoke test (4 steps)")
+    sync_api.expect(page.locator("#train-max-steps input")).to_have_value("4")
+    page.locator("#train-start").click()
+    status = page.locator("#train-status")
     sync_api.expect(status).to_contain_text("state succeeded", timeout=180_000)
-    sync_api.expect(status).to_contain_text("step 16/16")
-    assert plot_points(page) == 16
+    sync_api.expect(status).to_contain_text("step 4/4")
+    sync_api.expect(status).to_contain_text("Adapter:")
+    page.wait_for_function(
+        "() => { const p = document.querySelector('#train-curves .js-plotly-plot');"
+        " return p && p.data.length && p.data[0].x.length == 4; }"
+    )
+    screenshot(page, "train")
+    sync_api.expect(page.locator("#train-runs")).to_contain_text("cancelled")
 
 
 def test_compare_after_evaluations(page, app):
@@ -276,7 +297,7 @@ def test_restart_with_login_keeps_state(app, workspace, page):
     page.wait_for_function(
         "() => { const p = document.querySelector('#train-curves .js-plotly-plot'); return p && p.data.length; }"
     )
-    assert plot_points(page) == 16
+    assert plot_points(page) == 4
 
     open_tab(page, "Review")
     sync_api.expect(page.locator("#review-progress")).to_contain_text("1 / 6", timeout=30_000)
