@@ -17,6 +17,7 @@ import pandas as pd
 from app import queries
 from app.pixels import save_window_pixels
 from app.state import AppContext, bind
+from hscr.commands.import_data import check_layout
 from hscr.datasets import FORMATS
 from hscr.datasets.common import ImportOptions, ImportReport, infer_answer_type
 from hscr.errors import HSCRError
@@ -50,6 +51,8 @@ def import_dataset(context: AppContext, fmt: str, path: str, name: str, split: s
     module = importlib.import_module(FORMATS[fmt])
     options = ImportOptions(name=name.strip() or None, split=split.strip() or "train")
     try:
+        # The layout check names unreadable JSON files and the format that fits instead.
+        check_layout(fmt, Path(path.strip()).expanduser())
         report = module.import_path(context.store, Path(path.strip()).expanduser(), options)
     except HSCRError as exc:
         logger.error("import of %s from %s failed: %s", fmt, path, exc)

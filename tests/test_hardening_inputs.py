@@ -121,3 +121,96 @@ def test_question_longer_than_context(tmp_path, tiny_model_dir, capsys):
     with Store(db, read_only=True) as store:
         done = store.query("SELECT s.question FROM generation_done d JOIN samples s ON s.id = d.sample_id")
     assert [row["question"] for row in done] == [bad_inputs.GOOD_QUESTION]
+
+
+# -- the same corpus through the app ---------------------------------------------------------------
+
+
+def app_import(client, case: bad_inputs.Case, path: Path) -> str:
+    """Import a dataset case through the app; return the report, or the error message it raised."""
+    from gradio_client.exceptions import AppError
+
+    try:
+        return client.predict(case.kind, str(path), "", "train", api_name="/import_dataset")
+    except AppError as exc:
+        return f"error: {exc}"
+
+
+@pytest.mark.slow
+def test_corpus_through_app(tmp_path, tiny_model_dir):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from browser import AppProcess
+
+    corpus, by_line = bad_inputs.write_image_corpus(tmp_path / "corpus")
+    files = {case.name: corpus / name for case, name in zip(by_line.values(), _image_names(corpus))}
+    db = tmp_path / "data" / "hscr.duckdb"
+    Store(db).close()
+
+    with AppProcess(db, tiny_model_dir) as app:
+        client = Client(app.url, verbose=False)
+        upload = [handle_file(str(corpus / "good.png"))] + [handle_file(str(path)) for path in files.values()]
+        report = client.predict(upload, "uploads", "train", "what does the image show ?", "a lung",
+                                api_name="/upload_files")
+        reports = {}
+        for index, case in enumerate(bad_inputs.DATASET_CASES):
+            path = case.build(tmp_path / f"dataset-{index:02d}")
+            reports[case.name] = app_import(client, case, path)
+        long_dataset = bad_inputs.long_question(tmp_path / "long")
+        client.predict("folder", str(long_dataset), "long", "train", api_name="/import_dataset")
+        client.predict(api_name="/refresh_filters")            # as the page does after an import
+        table = client.predict("long", "(all)", "(all)", "(all)", "(all)", 1, api_name="/browse")[0]
+        questions = {row[table["headers"].index("question")]: row[table["headers"].index("id")] for row in table["data"]}
+        long_id = next(sample for question, sample in questions.items() if len(question) > 1000)
+        with pytest.raises(AppError, match="context window of 1024 tokens"):
+            client.predict(long_id, "left lung", 0.7, 0.9, 3, api_name="/analyze")
+        counts = client.predict("(all)", "(all)", "(all)", "(all)", "(all)", 1, api_name="/browse")[1]
+        assert app.process.poll() is None                      # the app survived every case
+
+    lines = report.splitlines()
+    for case, path in zip(by_line.values(), files.values()):
+        mentions = [line for line in lines if line.startswith(f"- error: {path.name}:")]
+        if case.expect == "error":
+            assert len(mentions) == 1, f"{case.name}: {report}"
+            assert case.match in mentions[0].lower(), f"{case.name}: {mentions[0]}"
+        else:
+            assert mentions == [], f"{case.name}: {mentions}"
+    imported = 1 + sum(case.expect == "import" for case in by_line.values())
+    assert f"imported {imported} samples" in report
+    for case in bad_inputs.DATASET_CASES:
+        text = reports[case.name]
+        if case.expect == "import":
+            assert "imported 1 samples" in text and "- error:" not in text, f"{case.name}: {text}"
+        else:
+            assert case.match in text.lower(), f"{case.name}: {text}"
+    assert "**" in counts
+    assert consistency_problems(db) == []
+    assert not list((tmp_path / "data" / "cache" / "gradio").rglob("*.dcm"))   # raw uploads are removed
+
+
+def _image_names(corpus: Path) -> list[str]:
+    """The image file of each corpus row after the control row, in line order."""
+    import csv
+
+    with open(corpus / "samples.csv", encoding="utf-8") as handle:
+        return [row["image"] for row in csv.DictReader(handle)][1:]
+
+
+def test_unknown_model_through_app(tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from browser import AppProcess
+    from hardening_support import seed_review_db
+
+    db = tmp_path / "data" / "hscr.duckdb"
+    samples = seed_review_db(db, tmp_path, num_samples=1)
+    with AppProcess(db, "no-such-org/no-such-model", extra_args=["--no-demo"]) as app:
+        client = Client(app.url, verbose=False)
+        sample = next(iter(samples))
+        with pytest.raises(AppError, match="model 'no-such-org/no-such-model' not found"):
+            client.predict(sample, "yes", 0.7, 0.9, 3, api_name="/analyze")
+        view = client.predict("(all)", "(all)", 1, api_name="/review_view")
+        assert view[0] == sample                                 # reviewing works without the model
+        assert app.process.poll() is None
