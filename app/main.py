@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     db_path = Path(args.db)
     data_dir = db_path.parent
     try:
+        if args.max_upload_mb < 1:
+            raise HSCRError(f"invalid --max-upload-mb {args.max_upload_mb}: expected a whole number of MB >= 1")
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

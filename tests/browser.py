@@ -54,6 +54,7 @@ class AppProcess:
         self.extra_args = list(extra_args or [])
         self.log_path = self.db.parent / f"app-{self.port}.log"
         self.process: subprocess.Popen | None = None
+        self.prefix: list[str] = []          # a wrapper command to start the app under (setpriv, unshare)
 
     @property
     def url(self) -> str:
@@ -61,7 +62,7 @@ class AppProcess:
 
     def start(self, timeout: float = 90.0) -> "AppProcess":
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        command = [sys.executable, str(REPO / "app.py"), "--model", self.model, "--db", str(self.db),
+        command = [*self.prefix, sys.executable, str(REPO / "app.py"), "--model", self.model, "--db", str(self.db),
                    "--port", str(self.port), *self.extra_args]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -160,7 +161,7 @@ def open_app(page: Any, url: str, attempts: int = 3, timeout: float = 60_000) ->
     """Load the app page, reloading when the Gradio frontend stays on its loading screen.
 
     NOTE: on a heavily loaded machine Chromium sometimes never receives some of the frontend's
-    script responses and the page stays on "Loading..."; a reload recovers it.
+    script responses, so the page stays on "Loading...". A reload recovers it.
     """
     for attempt in range(attempts):
         page.goto(url)

@@ -1,8 +1,9 @@
 """The real app in a real browser: Chromium driven by Playwright against ``python app.py``.
 
-One app process serves every step of this module, in order: browse the data, colour the tokens
-of a sample, edit and re-rank in the review queue, train with live curves, cancel and resume,
-evaluate and compare, then restart the app and check what the database and the run folder kept.
+One app process serves every step of this module, in order. The steps browse the data, colour
+the tokens of a sample, edit and re-rank in the review queue, train with live curves, cancel and
+resume, and evaluate and compare. The last step restarts the app with a login and checks what
+the database and the run folder kept.
 Screenshots of each tab go to ``$HSCR_SCREENSHOTS`` (default: the module's temporary folder).
 ``docs/screenshots.py`` takes the README's screenshots from the demo model instead.
 """

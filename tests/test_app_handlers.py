@@ -406,3 +406,25 @@ def test_display_text_keeps_word_spaces():
     tokens = [{"token": t} for t in vlm.tokenizer.convert_ids_to_tokens(ids)]
     pieces = [t["text"] for t in with_display_text(vlm.tokenizer, tokens)]
     assert "".join(pieces) == "the chest shows a round nodule</s>"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-upload-mb", "0"], "error: invalid --max-upload-mb 0"),
+        (["--auth", "missing-users.json", "--model", "unused"], "error: users file not found"),
+    ],
+)
+def test_cli_rejects_bad_options(tmp_path, extra, message):
+    import subprocess
+    import sys
+
+    from browser import REPO
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "app.py"), "--db", str(tmp_path / "data" / "hscr.duckdb"), *extra],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
