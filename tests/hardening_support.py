@@ -6,13 +6,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from browser import REPO, AppProcess
+from browser import AppProcess
 from hscr.datasets import folder
 from hscr.datasets.common import ImportOptions
 from hscr.store import Store
@@ -79,27 +75,6 @@ class PrefixedApp(AppProcess):
     def __init__(self, db: Path, model: Path | str, prefix: list[str], extra_args: list[str] | None = None):
         super().__init__(db, model, extra_args)
         self.prefix = list(prefix)
-
-    def start(self, timeout: float = 90.0) -> "PrefixedApp":
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        command = [*self.prefix, sys.executable, str(REPO / "app.py"), "--model", self.model, "--db", str(self.db),
-                   "--port", str(self.port), *self.extra_args]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the app exited with code {self.process.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"the app did not answer on {self.url} within {timeout:.0f} s:\n{self.log()}")
 
 
 def without_root_override() -> list[str]:

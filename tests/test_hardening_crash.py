@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -69,7 +72,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_mode
     assert any("train" in line for line in failed["log_tail"])
     assert not (runs / "cut" / "adapter").exists()
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (runs / "cut").glob("checkpoint-*"))
-    assert checkpoints and checkpoints[-1] % 3 == 0 and checkpoints[-1] < 24
+    assert checkpoints
+    assert checkpoints[-1] % 3 == 0
+    assert checkpoints[-1] < 24
 
     resumed = jobs.start_job("train", args + ["--resume"], runs, job_id="cut", env=env)
     assert jobs.wait(resumed.id, runs, timeout_s=300)["state"] == "succeeded"
@@ -87,10 +92,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_mode
 
 
 def test_vanished_job_is_failed_with_log_tail(tmp_path):
-    import subprocess
-    import sys
-    import textwrap
-
     job = jobs.start_job("script", [], tmp_path, command=[sys.executable, "-c", textwrap.dedent("""
         import time
         for step in range(3):
@@ -205,9 +206,6 @@ def test_read_only_data_folder_serves_reads(tmp_path, tiny_model_dir):
     prefix = without_root_override()
 
     # The command line names the problem and exits.
-    import subprocess
-    import sys
-
     cli = subprocess.run([*prefix, sys.executable, "-m", "hscr", "import", "folder", str(tmp_path / "seed-images"),
                           "--db", str(db)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert cli.returncode == 2

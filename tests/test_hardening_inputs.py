@@ -181,7 +181,8 @@ def test_corpus_through_app(tmp_path, tiny_model_dir):
     for case in bad_inputs.DATASET_CASES:
         text = reports[case.name]
         if case.expect == "import":
-            assert "imported 1 samples" in text and "- error:" not in text, f"{case.name}: {text}"
+            assert "imported 1 samples" in text, f"{case.name}: {text}"
+            assert "- error:" not in text, f"{case.name}: {text}"
         else:
             assert case.match in text.lower(), f"{case.name}: {text}"
     assert "**" in counts

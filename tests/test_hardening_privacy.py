@@ -95,7 +95,8 @@ def test_imported_dicoms_leave_no_patient_tags(tmp_path, tiny_model_dir, dicom_f
         sample_ids = [row[table["headers"].index("id")] for row in table["data"]]
         for sample_id in sample_ids:
             client.predict(sample_id, api_name="/load_sample")       # renders images into Gradio's cache
-    assert "imported 5 samples" in uploaded and "imported 5 samples" in imported, (uploaded, imported)
+    assert "imported 5 samples" in uploaded, uploaded
+    assert "imported 5 samples" in imported, imported
 
     # Preference data for every sample, exported as the trainers read it.
     with Store(db) as store:
