@@ -112,7 +112,7 @@ def start_evaluation(context: AppContext, dataset: str, split: str, adapter: str
     run_dir = context.runs_dir / job_id
     run_dir.mkdir(parents=True, exist_ok=False)
     try:
-        db_path, count = snapshots.write_eval_snapshot(context.store, run_dir, dataset, split)
+        db_path, count = snapshots.write_split_snapshot(context.store, run_dir, dataset, split)
     except HSCRError as exc:
         raise gr.Error(str(exc)) from None
     args = ["--model", context.model, "--db", str(db_path), "--dataset", dataset, "--split", split]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import html
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from app import plots, queries
+from app import plots, queries, snapshots
 from app.state import AppContext, bind, user_name
 from hscr.errors import HSCRError
 from hscr.images import open_stored
@@ -288,6 +289,62 @@ def candidate_text(context: AppContext, sample_id: str, candidate_id: str) -> st
     return ""
 
 
+def start_generation(context: AppContext, dataset: str, split: str, limit: float | None,
+                     dropout_ratio: float, beta: float) -> str:
+    """Snapshot a split and start ``python -m hscr generate`` on it as a background job."""
+    from hscr import jobs
+    from hscr.config import GenerateConfig
+
+    if dataset in (None, "", ALL):
+        raise gr.Error("Choose the dataset to generate preference data for.")
+    split = (split or "train").strip()
+    try:
+        GenerateConfig(dropout_ratio=float(dropout_ratio), beta=float(beta))
+    except HSCRError as exc:
+        raise gr.Error(str(exc)) from None
+    job_id = jobs.new_job_id("generate")
+    run_dir = context.runs_dir / job_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        db_path, count = snapshots.write_split_snapshot(context.store, run_dir, dataset, split)
+    except HSCRError as exc:
+        raise gr.Error(str(exc)) from None
+    args = ["--model", context.model, "--db", str(db_path), "--dataset", dataset, "--split", split,
+            "--set", f"dropout_ratio={float(dropout_ratio)}", "--set", f"beta={float(beta)}"]
+    if limit and limit > 0:
+        args += ["--limit", str(int(limit))]
+    try:
+        jobs.start_job("generate", args, runs_dir=context.runs_dir, job_id=job_id)
+    except HSCRError as exc:
+        raise gr.Error(str(exc)) from None
+    logger.info("started generation job %s on %s/%s (%d samples)", job_id, dataset, split, count)
+    return f"Started **{job_id}** on {dataset}/{split} ({min(count, int(limit)) if limit and limit > 0 else count} samples)."
+
+
+def poll_generation(context: AppContext, dataset: str, status: str, position: float) -> tuple[Any, ...]:
+    """Timer tick: ingest finished generation jobs; refresh the queue when new samples arrived."""
+    from hscr import jobs
+
+    copied = 0
+    lines = []
+    for job in jobs.list_jobs(context.runs_dir):
+        if job["kind"] != "generate":
+            continue
+        if job["state"] == "succeeded":
+            try:
+                copied += snapshots.ingest_generation(context.store, Path(job["run_dir"]))
+            except HSCRError as exc:
+                logger.error("ingesting generation job %s failed: %s", job["id"], exc)
+        if len(lines) < 3:
+            fraction = job.get("progress")
+            lines.append(f"- `{job['id']}`: {job['state']}" + (f", {fraction:.0%}" if fraction is not None else "")
+                         + (f" ({job['error']})" if job.get("error") else ""))
+    summary = "\n".join(lines) or "No generation jobs yet."
+    if copied == 0:
+        return (summary,) + (gr.skip(),) * 11
+    return (summary, *review_view(context, dataset, status, position))
+
+
 def build(context: AppContext) -> tuple[tuple[Any, list, list], gr.Button, gr.Textbox]:
     """Lay out the Review tab.
 
@@ -295,6 +352,17 @@ def build(context: AppContext) -> tuple[tuple[Any, list, list], gr.Button, gr.Te
     hidden box with the current sample id, which the layout wires to the Inspect tab.
     """
     datasets = queries.filter_choices(context.store)["dataset"]
+    with gr.Accordion("Generate preference data", open=False):
+        with gr.Row():
+            g_dataset = gr.Dropdown(datasets, value=datasets[0] if datasets else None, label="Dataset",
+                                    elem_id="generate-dataset")
+            g_split = gr.Textbox(value="train", label="Split")
+            g_limit = gr.Number(value=0, precision=0, label="Limit (0: every sample)")
+            g_ratio = gr.Slider(0, 1, value=0.7, step=0.05, label="Dropout ratio")
+            g_beta = gr.Slider(0, 5, value=0.9, step=0.1, label="Beta")
+            g_start = gr.Button("Generate", variant="primary", elem_id="generate-start")
+        g_message = gr.Markdown(elem_id="generate-message")
+        g_jobs = gr.Markdown(elem_id="generate-jobs")
     with gr.Column(elem_id="review-panel"):
         with gr.Row():
             q_dataset = gr.Dropdown([ALL] + datasets, value=ALL, label="Dataset")
@@ -357,4 +425,6 @@ def build(context: AppContext) -> tuple[tuple[Any, list, list], gr.Button, gr.Te
     refresh(reopen_button.click(bind(reopen, context), status_inputs, position))
     refresh(note_button.click(bind(add_note, context), [sample_id, note], note))
     candidate.input(bind(candidate_text, context), [sample_id, candidate], candidate_box)
+    g_start.click(bind(start_generation, context), [g_dataset, g_split, g_limit, g_ratio, g_beta], g_message)
+    gr.Timer(2.0).tick(bind(poll_generation, context), view_inputs, [g_jobs, *view_outputs], show_progress="hidden")
     return (view, view_inputs, view_outputs), open_button, sample_id

@@ -1,9 +1,10 @@
 """Job inputs the app writes into a run folder, and the results it ingests back.
 
-Only the app process opens the DuckDB file (read-write), so a job never opens it. For an evaluation,
-the app copies the split's samples and image rows into ``<run>/data/hscr.duckdb`` (the image
-folder is linked, not copied), the job runs ``python -m hscr evaluate --db <run>/data/hscr.duckdb``,
-and the app copies the new ``eval_runs`` and ``predictions`` rows back in one transaction.
+Only the app process opens the DuckDB file (read-write), so a job never opens it. For an
+evaluation or a generation, the app copies the split's samples and image rows into
+``<run>/data/hscr.duckdb`` (the image folder is linked, not copied). The job runs
+``python -m hscr evaluate|generate --db <run>/data/hscr.duckdb``, and the app copies the new
+result rows back in one transaction.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ INGESTED_FILE = "ingested.json"
 _INGEST_LOCK = threading.Lock()
 
 
-def write_eval_snapshot(store: Store, run_dir: Path, dataset: str, split: str) -> tuple[Path, int]:
+def write_split_snapshot(store: Store, run_dir: Path, dataset: str, split: str) -> tuple[Path, int]:
     """Copy one dataset split's samples and image rows into the run folder's own database.
 
     Returns the snapshot database path and the number of samples copied.
@@ -58,23 +59,44 @@ def _insert_rows(cursor: Any, table: str, rows: list[dict[str, Any]]) -> None:
     )
 
 
-def ingest_evaluation(store: Store, run_dir: Path) -> int:
-    """Copy a finished evaluation job's runs and predictions into the app's database once.
+EVALUATION_TABLES = ("eval_runs", "predictions")
+GENERATION_TABLES = ("generation_runs", "candidates", "token_scores", "generation_done")
 
-    Returns the number of prediction rows copied; 0 when the run folder was ingested before.
+
+def _ingest(store: Store, run_dir: Path, tables: tuple[str, ...]) -> dict[str, int]:
+    """Copy the rows of ``tables`` from a finished job's snapshot database once, in one transaction.
+
+    Returns rows copied per table; empty when the run folder was ingested before. The last table
+    is the one whose rows mark a result complete, so it is written last.
     """
     run_dir = Path(run_dir)
     marker = run_dir / INGESTED_FILE
     db_path = run_dir / SNAPSHOT_DB
     with _INGEST_LOCK:
         if marker.exists() or not db_path.is_file():
-            return 0
+            return {}
         with Store(db_path, read_only=True) as snapshot:
-            runs = snapshot.query("SELECT * FROM eval_runs")
-            predictions = snapshot.query("SELECT * FROM predictions")
+            rows = {table: snapshot.query(f"SELECT * FROM {table}") for table in tables}
         with store.transaction() as cur:
-            _insert_rows(cur, "eval_runs", runs)
-            _insert_rows(cur, "predictions", predictions)
-        marker.write_text(json.dumps({"eval_runs": [r["id"] for r in runs], "predictions": len(predictions)}))
-    logger.info("ingested %d predictions of %d evaluation runs from %s", len(predictions), len(runs), run_dir)
-    return len(predictions)
+            for table in tables:
+                _insert_rows(cur, table, rows[table])
+        counts = {table: len(rows[table]) for table in tables}
+        marker.write_text(json.dumps(counts))
+    logger.info("ingested %s from %s", counts, run_dir)
+    return counts
+
+
+def ingest_evaluation(store: Store, run_dir: Path) -> int:
+    """Copy a finished evaluation job's runs and predictions into the app's database once.
+
+    Returns the number of prediction rows copied; 0 when the run folder was ingested before.
+    """
+    return _ingest(store, run_dir, EVALUATION_TABLES).get("predictions", 0)
+
+
+def ingest_generation(store: Store, run_dir: Path) -> int:
+    """Copy a finished generation job's candidates and token scores into the app's database once.
+
+    Returns the number of samples copied; 0 when the run folder was ingested before.
+    """
+    return _ingest(store, run_dir, GENERATION_TABLES).get("generation_done", 0)

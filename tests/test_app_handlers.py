@@ -287,7 +287,7 @@ def test_import_dataset_errors(context, tmp_path):
 
 def test_eval_snapshot_and_ingest(context):
     run_dir = context.runs_dir / "evaluate-1"
-    db_path, count = snapshots.write_eval_snapshot(context.store, run_dir, "toy", "train")
+    db_path, count = snapshots.write_split_snapshot(context.store, run_dir, "toy", "train")
     assert count == 2
     assert (db_path.parent / "images").resolve() == context.store.image_dir.resolve()
     with Store(db_path) as snapshot:
@@ -302,7 +302,7 @@ def test_eval_snapshot_and_ingest(context):
     assert snapshots.ingest_evaluation(context.store, run_dir) == 0
     assert context.store.execute("SELECT count(*) FROM predictions").fetchone()[0] == 2
     with pytest.raises(Exception, match="no samples in split"):
-        snapshots.write_eval_snapshot(context.store, context.runs_dir / "evaluate-2", "toy", "validation")
+        snapshots.write_split_snapshot(context.store, context.runs_dir / "evaluate-2", "toy", "validation")
 
 
 def test_train_presets_and_form():
@@ -428,3 +428,46 @@ def test_cli_rejects_bad_options(tmp_path, extra, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generation_ingest_copies_results(context):
+    run_dir = context.runs_dir / "generate-1"
+    db_path, count = snapshots.write_split_snapshot(context.store, run_dir, "toy", "test")
+    assert count == 1
+    sample_id = context.samples["which organ ?"]
+    with Store(db_path) as snapshot:
+        snapshot.ensure_generation_run("gen-new", "tiny", "{}")
+        snapshot.write_generation("gen-new", [generation_result(sample_id, "the chest", [("the heart", 0.6)])])
+    assert snapshots.ingest_generation(context.store, run_dir) == 1
+    assert snapshots.ingest_generation(context.store, run_dir) == 0
+    texts = [c["text"] for c in context.store.candidates_for(sample_id)]
+    assert texts == ["the chest", "the heart"]
+    assert len(context.store.token_scores_for(sample_id, "gen-new")) == 1
+    queue = queries.SampleFilter(generated_only=True)
+    assert queries.count_samples(context.store, queue)["total"] == 3
+
+
+def test_start_generation_rejects_bad_input(context):
+    with pytest.raises(gr.Error, match="Choose the dataset"):
+        review_tab.start_generation(context, "(all)", "train", 0, 0.7, 0.9)
+    with pytest.raises(gr.Error, match="dropout_ratio"):
+        review_tab.start_generation(context, "toy", "train", 0, 1.5, 0.9)
+    with pytest.raises(gr.Error, match="no samples in split"):
+        review_tab.start_generation(context, "toy", "validation", 0, 0.7, 0.9)
+
+
+@pytest.mark.slow
+def test_generation_job_fills_queue(context, tmp_path):
+    from hscr import jobs
+    from support import save_tiny_model
+
+    context.model = str(save_tiny_model(tmp_path / "model", image_size=16, patch_size=8))
+    message = review_tab.start_generation(context, "toy", "test", 0, 0.7, 0.9)
+    job_id = message.split("**")[1]
+    info = jobs.wait(job_id, context.runs_dir, timeout_s=300)
+    assert info["state"] == "succeeded", info["log_tail"]
+    outputs = review_tab.poll_generation(context, "(all)", "(all)", 1)
+    assert "succeeded" in outputs[0]
+    assert "of 3" in outputs[3]  # the queue grew from 2 to 3 generated samples
+    sample_id = context.samples["which organ ?"]
+    assert context.store.candidates_for(sample_id)[0]["text"] == "the chest"
