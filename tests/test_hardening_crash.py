@@ -91,28 +91,43 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_mode
     assert steps == list(range(1, 25))
 
 
-def test_vanished_job_is_failed_with_log_tail(tmp_path):
-    job = jobs.start_job("script", [], tmp_path, command=[sys.executable, "-c", textwrap.dedent("""
+@pytest.mark.slow
+def test_vanished_job_is_failed_with_log_tail(tmp_path, tiny_model_dir):
+    from gradio_client import Client
+
+    db = tmp_path / "data" / "hscr.duckdb"
+    seed_review_db(db, tmp_path, num_samples=1)
+    runs = tmp_path / "data" / "runs"                          # the app's job folder
+    job = jobs.start_job("train", [], runs, command=[sys.executable, "-c", textwrap.dedent("""
         import time
         for step in range(3):
             print(f"step {step} done", flush=True)
         time.sleep(120)
     """)])
     wait_for(lambda: "step 2 done" in jobs.tail_log(job.run_dir), timeout=60)
-    info = jobs.status(job.id, tmp_path)
+    info = jobs.status(job.id, runs)
 
     # The whole job disappears at once: the supervisor and the process group it leads.
     os.killpg(info["child_pgid"], signal.SIGKILL)
     os.kill(info["pid"], signal.SIGKILL)
-    wait_for(lambda: jobs.status(job.id, tmp_path)["state"] != "running", timeout=30)
+    wait_for(lambda: jobs.status(job.id, runs)["state"] != "running", timeout=30)
 
     # A fresh process, as the app after a restart, reads the same outcome.
-    code = f"import json; from hscr import jobs; print(json.dumps(jobs.status({job.id!r}, {str(tmp_path)!r})))"
+    code = f"import json; from hscr import jobs; print(json.dumps(jobs.status({job.id!r}, {str(runs)!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     seen = json.loads(out.stdout)
     assert seen["state"] == "failed"
     assert "killed or crashed" in seen["error"]
     assert seen["log_tail"][-3:] == ["step 0 done", "step 1 done", "step 2 done"]
+
+    # The app's training tab shows it the same way.
+    with AppProcess(db, tiny_model_dir) as app:
+        client = Client(app.url, verbose=False)
+        client.predict(api_name="/initial_view")               # the page load that lists the runs
+        status_line, _, log_tail, _ = client.predict(job.id, api_name="/job_view")
+    assert "state **failed**" in status_line
+    assert "killed or crashed" in status_line
+    assert log_tail.splitlines()[-3:] == ["step 0 done", "step 1 done", "step 2 done"]
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -190,6 +205,7 @@ def make_read_only(root: Path) -> None:
         path.chmod(0o555 if path.is_dir() else 0o444)
 
 
+@pytest.mark.slow
 def test_read_only_data_folder_serves_reads(tmp_path, tiny_model_dir):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -232,6 +248,7 @@ def test_read_only_data_folder_serves_reads(tmp_path, tiny_model_dir):
         assert store.query("SELECT count(*) AS n FROM reviews")[0]["n"] == 0
 
 
+@pytest.mark.slow
 def test_full_data_folder_serves_reads(tmp_path, tiny_model_dir):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError

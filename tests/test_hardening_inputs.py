@@ -104,6 +104,7 @@ def test_model_without_image_token(tmp_path, tiny_model_dir, capsys):
     assert "no usable image token" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_question_longer_than_context(tmp_path, tiny_model_dir, capsys):
     path = bad_inputs.long_question(tmp_path / "dataset")
     db = tmp_path / "hscr.duckdb"
@@ -198,6 +199,7 @@ def _image_names(corpus: Path) -> list[str]:
         return [row["image"] for row in csv.DictReader(handle)][1:]
 
 
+@pytest.mark.slow
 def test_unknown_model_through_app(tmp_path):
     from gradio_client import Client
     from gradio_client.exceptions import AppError

@@ -118,6 +118,7 @@ def test_imported_dicoms_leave_no_patient_tags(tmp_path, tiny_model_dir, dicom_f
     assert consistency_problems(db) == []
 
 
+@pytest.mark.slow
 def test_login_guards_every_route(tmp_path, tiny_model_dir):
     from gradio_client import Client
 
@@ -157,6 +158,7 @@ def test_login_guards_every_route(tmp_path, tiny_model_dir):
             print_info=False, return_format="str")
 
 
+@pytest.mark.slow
 def test_path_traversal_is_rejected(tmp_path, tiny_model_dir):
     from gradio_client import Client, handle_file
 
