@@ -86,6 +86,7 @@ def test_duplicate_ids_import_once(tmp_path, capsys):
     assert report["duplicates"] == 1
 
 
+@pytest.mark.slow
 def test_unknown_model_id_through_cli(tmp_path):
     db = tmp_path / "hscr.duckdb"
     Store(db).close()
