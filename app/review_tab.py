@@ -157,22 +157,26 @@ def review_view(context: AppContext, dataset: str, status: str, position: float)
         f"**{reviewed} / {all_counts['total']}** generated samples reviewed "
         f"({all_counts['approved']} approved, {all_counts['rejected']} rejected)"
     )
+
     sample = queries.sample_at(context.store, flt, position - 1) if total else None
     if sample is None:
         empty = "<p><em>The queue is empty. Generate preference data or change the filters.</em></p>"
         return ("", position, progress, None, "", "", empty, gr.update(choices=[], value=None), "",
                 pd.DataFrame(columns=HISTORY_COLUMNS), "")
+
     detail = queries.sample_detail(context.store, sample["id"])
     reviews = context.store.reviews_for(sample["id"])
     state = fold_reviews(reviews)
     candidates = context.store.candidates_for(sample["id"])
     rows = dispreferred(context, sample["id"], state, candidates)
+
     chosen = state.chosen_text or detail["answer"]
     # Words are marked against the answer the candidates were generated from, even after an edit.
     generated_from = next((c["text"] for c in candidates if c["num_replaced"] == 0), detail["answer"])
     numbers = {row["id"]: row["number"] for row in rows}
     order = ",".join(str(row["number"]) for row in sorted(
         (r for r in rows if r["training_rank"] is not None), key=lambda r: r["training_rank"]))
+
     info = (
         f"**Status: {state.status}** · {detail['dataset']} / {detail['split']} · "
         f"{detail.get('modality') or 'unknown modality'} · {detail['answer_type']} · "

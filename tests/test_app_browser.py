@@ -16,6 +16,8 @@ import math
 import os
 import re
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,14 @@ def test_data_tab_lists_samples(page):
     sync_api.expect(page.locator("#app-header")).to_contain_text(f"user {getpass.getuser()}")
     sync_api.expect(page.locator("#browse-table")).to_contain_text("which organ is shown ?")
     screenshot(page, "data")
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", str(Path(__file__).resolve())])
+def test_server_refuses_files_outside_data(app, path):
+    url = f"{app.url}gradio_api/file={path}"
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(url, timeout=30)
+    assert error.value.code in (403, 404)
 
 
 def test_inspect_colours_tokens(page, workspace):
