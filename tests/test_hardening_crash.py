@@ -275,11 +275,10 @@ def test_full_data_folder_serves_reads(tmp_path, tiny_model_dir):
         client = Client(app.url, verbose=False)
         client.predict(sample, "saved before the disk filled", api_name="/save_chosen_edit")
         filler = data / "filler"
-        with open(filler, "wb") as handle:
+        with open(filler, "wb", buffering=0) as handle:
             with pytest.raises(OSError, match="No space left"):
                 while True:
                     handle.write(b"\0" * (1 << 20))
-                    handle.flush()
 
         # The last page of the write-ahead log may still take a few small commits.
         acknowledged, failure = [], None
