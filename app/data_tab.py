@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from app import queries
-from app.pixels import save_window_pixels
+from hscr.pixels import save_window_pixels
 from app.state import AppContext, bind
 from hscr.commands.import_data import check_layout
 from hscr.datasets import FORMATS

@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from app import plots, queries
-from app.pixels import load_window_pixels
+from hscr.pixels import load_window_pixels
 from app.state import AppContext, bind
 from hscr.config import GenerateConfig
 from hscr.errors import HSCRError
@@ -96,9 +96,9 @@ def load_sample(context: AppContext, sample_id: str) -> tuple[Any, ...]:
         f"{sample['answer_type']} question · source {sample.get('source_format') or '?'}"
     )
     if windowed is None and (sample.get("source_format") or "").lower() == "dicom":
-        # NOTE: dataset importers store the rendered PNG only; uploads in the Data tab keep the pixels.
+        # Databases imported before pixels were kept beside the PNG have only the rendered image.
         header += (" · window/level unavailable: this DICOM was imported without its pixel values; "
-                   "upload the file in the Data tab to re-window it")
+                   "import or upload the file again to re-window it")
     stored_answer = queries.model_answer(context.store, sample["id"]) or ""
     return header, sample["question"], sample["answer"], stored_answer, window_group, preset, center, width
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from app import compare_tab, data_tab, plots, queries, review_tab, snapshots, train_tab
 from app.main import make_parser, prepare_environment
-from app.pixels import load_window_pixels, save_window_pixels, window_file
+from hscr.pixels import load_window_pixels, save_window_pixels, window_file
 from app.state import AppContext, bind, user_name
 from hscr.datasets import folder
 from hscr.datasets.common import ImportOptions

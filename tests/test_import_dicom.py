@@ -151,3 +151,34 @@ def test_rendered_meta_is_whitelisted(name: str):
     text = json.dumps(loaded.meta)
     for value in _private_values():
         assert value not in text
+
+
+def test_dicom_import_keeps_window_pixels(tmp_path):
+    """Imported DICOMs keep full-range pixels beside the PNG, so viewers can re-window them."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from hscr.datasets.common import ImportOptions
+    from hscr.datasets.folder import import_path as import_folder
+    from hscr.images import render_window
+    from hscr.pixels import load_window_pixels
+    from hscr.store import Store
+
+    folder = tmp_path / "dicom-folder"
+    folder.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "ct.dcm")
+    (folder / "samples.csv").write_text("image,question,answer\nct.dcm,what modality is this?,ct\n", encoding="utf-8")
+    with Store(tmp_path / "data" / "hscr.duckdb") as store:
+        report = import_folder(store, folder, ImportOptions(name="dcm"))
+        assert report.errors == []
+        sample = store.samples(dataset="dcm")[0]
+        png = store.data_dir / sample["image_path"]
+        windowed = load_window_pixels(png)
+        assert windowed is not None
+        assert windowed.pixels.shape == (128, 128)
+        assert windowed.pixels.min() < 0 < windowed.pixels.max()  # Hounsfield units, not 8-bit
+        lung = render_window(windowed, -600, 1500)
+        bone = render_window(windowed, 400, 1800)
+        assert lung.size == bone.size == (128, 128)
+        assert lung.tobytes() != bone.tobytes()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from hscr.datasets.common import ImageSource, ImportReport, SourceRow, clean_answer, clean_text, infer_answer_type
 from hscr.errors import HSCRError
 from hscr.images import LoadedImage, load_any, load_image_bytes
+from hscr.pixels import save_window_pixels
 from hscr.store import Store
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def add_loaded_image(store: Store, loaded: LoadedImage, cursor=None, modality: s
 
     ``modality`` is used when the image itself names none (raster files).
     """
-    return store.add_image(
+    image_id = store.add_image(
         loaded.png_bytes(),
         loaded.image.width,
         loaded.image.height,
@@ -43,6 +44,9 @@ def add_loaded_image(store: Store, loaded: LoadedImage, cursor=None, modality: s
         meta=loaded.meta,
         cursor=cursor,
     )
+    # DICOM and 16-bit images keep their full-range pixels, so viewers can change window/level.
+    save_window_pixels(store.image_dir / f"{image_id}.png", loaded)
+    return image_id
 
 
 @dataclass

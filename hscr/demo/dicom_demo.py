@@ -75,6 +75,7 @@ def _orientation(path: Path):
 def import_dicom_demo(store: Store) -> dict[str, int]:
     """Store the pydicom slices and their header questions; returns inserted and existing counts."""
     from hscr.images import load_any
+    from hscr.pixels import save_window_pixels
 
     counts = {"inserted": 0, "existing": 0}
     for path in dicom_paths():
@@ -88,6 +89,7 @@ def import_dicom_demo(store: Store) -> dict[str, int]:
             image_id = store.add_image(loaded.png_bytes(), loaded.image.width, loaded.image.height,
                                        modality=MODALITY_WORDS.get(str(modality_code).upper()),
                                        source_format="dicom", meta=loaded.meta, cursor=cur)
+            save_window_pixels(store.image_dir / f"{image_id}.png", loaded)
             for qa in qas:
                 _, inserted = store.add_sample(DATASET, SPLIT, image_id, qa.question, qa.answer, qa.answer_type,
                                                source_id=path.name, meta={"family": qa.family}, cursor=cur)

@@ -1,7 +1,7 @@
 """Full-range grayscale pixels kept beside a stored PNG, so the viewer can re-window it.
 
-The store keeps one 8-bit PNG per image. For DICOM and 16-bit sources the app also writes
-``<image id>.window.npz`` next to it: the pixel values after the modality LUT (Hounsfield units
+The store keeps one 8-bit PNG per image. For DICOM and 16-bit sources the importers and the app
+also write ``<image id>.window.npz`` next to it: the pixel values after the modality LUT (Hounsfield units
 for CT), the default window, the VOI LUT function and the polarity. No DICOM tag other than
 these display settings is written.
 """
