@@ -79,7 +79,7 @@ class TrainConfig:
     num_dispreferred: int = field(default=3, metadata={"help": "k: dispreferred responses used per sample"})
     implicit_weight: float = field(default=1.0, metadata={"help": "weight of the implicit (less vs more wrong) term"})
     epochs: float = field(default=2.0, metadata={"help": "passes over the preference data"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: run all epochs)"})
+    max_steps: int = field(default=0, metadata={"help": "total optimizer steps; when > 0 it replaces epochs, looping over the data as often as needed (0: run the epochs)"})
     learning_rate: float = field(default=2e-5, metadata={"help": "peak learning rate"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps with linear warmup"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})

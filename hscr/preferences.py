@@ -56,16 +56,28 @@ def load_preferences(
     if split:
         where.append("s.split = ?")
         params.append(split)
-    # The latest finished run per sample, unless a run is named.
+    # Per sample: the run whose candidates a reviewer last acted on, else the latest finished run,
+    # unless a run is named. So generating again never hides a sample's review work.
     done = store.query(
         f"""
+        WITH reviewed AS (
+            SELECT c.sample_id, c.run_id, max(v.id) AS last_review
+            FROM reviews v
+            JOIN candidates c ON c.sample_id = v.sample_id
+             AND (c.id = v.candidate_id
+                  OR (v.action = 'rerank' AND json_extract_string(v.payload_json, '$.order[0]') = c.id))
+            GROUP BY c.sample_id, c.run_id
+        )
         SELECT d.sample_id, d.run_id, r.model, s.dataset, s.split, s.question, s.answer_type, i.path AS image_path
         FROM generation_done d
         JOIN generation_runs r ON r.id = d.run_id
         JOIN samples s ON s.id = d.sample_id
         JOIN images i ON i.id = s.image_id
+        LEFT JOIN reviewed v ON v.sample_id = d.sample_id AND v.run_id = d.run_id
         WHERE {' AND '.join(where)}
-        QUALIFY row_number() OVER (PARTITION BY d.sample_id ORDER BY d.done_at DESC, d.run_id) = 1
+        QUALIFY row_number() OVER (
+            PARTITION BY d.sample_id ORDER BY v.last_review DESC NULLS LAST, d.done_at DESC, d.run_id
+        ) = 1
         ORDER BY s.dataset, s.split, s.id
         """,
         params,

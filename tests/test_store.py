@@ -174,3 +174,23 @@ def test_second_writer_gets_clear_error(tmp_path):
         )
     assert proc.returncode != 0
     assert "another HSCR process" in proc.stderr
+
+
+def test_regeneration_keeps_reviewed_run(store):
+    """A new generation run must not hide the candidates a reviewer re-ranked in an older run."""
+    import time
+
+    sample_id = store.sample_ids[0]
+    store.write_generation("run1", [result(sample_id, ["the right lung", "a right liver"])])
+    old = {c["text"]: c["id"] for c in store.candidates_for(sample_id, "run1")}
+    record_review(store, "ana", sample_id, "rerank", payload={"order": [old["a right liver"], old["the right lung"]]})
+    record_review(store, "ana", sample_id, "approve")
+    time.sleep(0.01)
+    store.ensure_generation_run("run2", "tiny", "{}")
+    store.write_generation("run2", [result(sample_id, ["no lung"]), result(store.sample_ids[1], ["no lung"])])
+
+    rows = {r.sample_id: r for r in load_preferences(store)}
+    assert rows[sample_id].run_id == "run1"
+    assert rows[sample_id].rejected == ["a right liver", "the right lung"]
+    assert rows[store.sample_ids[1]].run_id == "run2"
+    assert [r.sample_id for r in load_preferences(store, reviewed_only=True)] == [sample_id]

@@ -103,7 +103,10 @@ def load_vlm(
     import transformers
     from transformers import AutoProcessor
 
-    name = str(name_or_path)
+    # A local folder is named by its absolute path, so runs started from different working
+    # directories (the app, a shell) share generation and evaluation run ids.
+    local = Path(name_or_path)
+    name = str(local.resolve()) if local.exists() else str(name_or_path)
     architecture = _architecture(name)
     adapter_cls = adapter_class(architecture)
     model_cls = getattr(transformers, architecture)
