@@ -272,7 +272,7 @@ def build(context: AppContext) -> tuple[gr.Textbox, Callable[[Any], None]]:
             invert = gr.Checkbox(label="Invert", value=False)
         with gr.Column(scale=1):
             question = gr.Textbox(label="Question", interactive=False)
-            reference = gr.Textbox(label="Reference answer (scored)", interactive=True, elem_id="inspect-answer")
+            reference = gr.Textbox(label="Reference answer (the answer scored and coloured below)", interactive=True, elem_id="inspect-answer")
             own = gr.Textbox(label="Model's own answer (greedy, full image)", interactive=False,
                              elem_id="inspect-own-answer")
             with gr.Row():
@@ -290,7 +290,7 @@ def build(context: AppContext) -> tuple[gr.Textbox, Callable[[Any], None]]:
             heatmap_caption = gr.Markdown(elem_id="heatmap-caption")
         with gr.Column(scale=1):
             candidates = gr.Dataframe(headers=CANDIDATE_COLUMNS, interactive=False, wrap=True,
-                                      label="Dispreferred answers from this analysis")
+                                      label="Reference answer (rank 0) and its dispreferred answers from this analysis")
     analysis = gr.State(None)
 
     view_inputs = [sample_id, preset, center, width, invert, zoom, pan_x, pan_y]
