@@ -1,10 +1,11 @@
 """The preference data that training and export use: generated candidates with reviews applied.
 
-For each sample with generated candidates (its latest generation run unless one is named), the
-chosen answer is the reference answer or its latest edit, and the rejected answers are the kept
-dispreferred answers, least wrong first, or a reviewer's order; answers marked acceptable are left
-out, edited texts replace the generated ones (their reference log-probs become unknown, so the
-trainer recomputes them), and rejected samples are left out.
+Each sample uses one generation run: the named run, else the run whose candidates a reviewer
+last acted on, else its latest run. The chosen answer is the reference answer or its latest edit.
+The rejected answers are the kept dispreferred answers, least wrong first, or a reviewer's order.
+Answers marked acceptable are left out, and edited texts replace the generated ones. An edited
+text's reference log-prob becomes unknown, so the trainer recomputes it. Rejected samples are
+left out.
 """
 
 from __future__ import annotations
