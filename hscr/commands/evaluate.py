@@ -10,14 +10,13 @@ import argparse
 import json
 import time
 
+from hscr.commands import DEFAULT_DB, add_model_arguments, check_limit
 from hscr.config import add_config_arguments
-
-DEFAULT_DB = "data/hscr.duckdb"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="answer a dataset split greedily, store and score the answers")
-    parser.add_argument("--model", required=True, help="model folder or hub id (Hugging Face format)")
+    add_model_arguments(parser)
     parser.add_argument("--adapter", help="folder of a LoRA adapter saved by training (default: the base model)")
     parser.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default {DEFAULT_DB})")
     parser.add_argument("--dataset", required=True, help="dataset name in the database")
@@ -25,8 +24,6 @@ def register(subparsers) -> None:
     parser.add_argument("--limit", type=int, help="evaluate at most this many samples")
     parser.add_argument("--output", metavar="ANSWERS.jsonl",
                         help="answer file in LLaVA-Med's format (default <data>/runs/<run id>/answers.jsonl)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     add_config_arguments(parser)
     parser.set_defaults(handler=main)
@@ -37,14 +34,12 @@ def main(args: argparse.Namespace) -> int:
 
     from hscr import jobs
     from hscr.config import EvalConfig, load_config
-    from hscr.errors import HSCRError
     from hscr.evaluate import check_adapter_path, format_table, load_adapter, metrics_table, run_evaluation
     from hscr.models import load_vlm
     from hscr.store import Store
 
     config = load_config(EvalConfig, args.config, args.overrides)
-    if args.limit is not None and args.limit < 1:
-        raise HSCRError(f"invalid --limit {args.limit}: expected a positive integer")
+    check_limit(args.limit)
     if args.adapter:
         check_adapter_path(args.adapter)  # fail before the slow model load
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)

@@ -9,8 +9,8 @@ import argparse
 import json
 
 from hscr.export import FORMATS
+from hscr.commands import DEFAULT_DB
 
-DEFAULT_DB = "data/hscr.duckdb"
 
 
 def register(subparsers) -> None:

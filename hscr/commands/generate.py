@@ -5,20 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from hscr.commands import DEFAULT_DB, add_model_arguments, check_limit
 from hscr.config import add_config_arguments
-
-DEFAULT_DB = "data/hscr.duckdb"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate graded dispreferred answers and store them ranked")
-    parser.add_argument("--model", required=True, help="model folder or hub id (Hugging Face format)")
+    add_model_arguments(parser)
     parser.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB file (default {DEFAULT_DB})")
     parser.add_argument("--dataset", help="dataset name (default: all samples)")
     parser.add_argument("--split", help="split to use (default: all)")
     parser.add_argument("--limit", type=int, help="process at most this many samples")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     add_config_arguments(parser)
     parser.set_defaults(handler=main)
@@ -26,15 +23,13 @@ def register(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hscr.config import GenerateConfig, load_config
-    from hscr.errors import HSCRError
     from hscr.generate import run_generation
     from hscr.models import load_vlm
     from hscr.rerank import get_embedder
     from hscr.store import Store
 
     config = load_config(GenerateConfig, args.config, args.overrides)
-    if args.limit is not None and args.limit < 1:
-        raise HSCRError(f"invalid --limit {args.limit}: expected a positive integer")
+    check_limit(args.limit)
     vlm = load_vlm(args.model, device=args.device, dtype=args.dtype)
     get_embedder(config.embedder)  # fail on a bad embedder before any work
     with Store(args.db) as store:

@@ -16,8 +16,8 @@ from pathlib import Path
 from hscr.datasets import FORMATS
 from hscr.datasets.common import unreadable_json
 from hscr.errors import HSCRError
+from hscr.commands import DEFAULT_DB
 
-DEFAULT_DB = "data/hscr.duckdb"
 
 EPILOG = """layouts inside PATH are detected:
   vqa-rad    'VQA_RAD Dataset Public.json' (OSF), trainset.json/testset.json (MEVF), data/*.parquet (Hugging Face)
