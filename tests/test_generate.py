@@ -58,7 +58,9 @@ def test_generation_stores_ranked_candidates(store, tiny_model_dir):
     assert len(by_sample) == 4
     for sample_id, cands in by_sample.items():
         preferred = [c for c in cands if c["num_replaced"] == 0]
-        assert len(preferred) == 1 and preferred[0]["rank"] == 0 and preferred[0]["ref_logp"] < 0
+        assert len(preferred) == 1
+        assert preferred[0]["rank"] == 0
+        assert preferred[0]["ref_logp"] < 0
         others = [c for c in cands if c["num_replaced"] > 0]
         sims = [c["similarity"] for c in sorted(others, key=lambda c: c["rank"])]
         assert sims == sorted(sims, reverse=True)
@@ -71,7 +73,8 @@ def test_generation_stores_ranked_candidates(store, tiny_model_dir):
         assert tokens and all(0.0 <= t["p_full"] <= 1.0 and 0.0 <= t["p_drop"] <= 1.0 for t in tokens)
     # A second run with the same settings finds every sample done.
     again = run_generation(vlm, store, GenerateConfig(batch_size=2), dataset="toy", progress=False)
-    assert again["processed"] == 0 and again["skipped"] == 4
+    assert again["processed"] == 0
+    assert again["skipped"] == 4
     assert store.execute("SELECT count(*) FROM candidates").fetchone()[0] == len(rows)
     # The stored reference log-prob of y_w matches a fresh teacher-forced pass.
     prefs = load_preferences(store)
@@ -107,7 +110,8 @@ def test_analyze_sample_reports_tokens(tiny_model_dir):
     vlm = load_vlm(tiny_model_dir, device="cpu")
     result = analyze_sample(vlm, random_image(1), "which organ is shown ?", "the left lung")
     tokens = result["tokens"]
-    assert tokens[-1]["token"] == "</s>" and tokens[-1]["coupled"] is False
+    assert tokens[-1]["token"] == "</s>"
+    assert tokens[-1]["coupled"] is False
     assert any(t["coupled"] for t in tokens)
     assert result["candidates"][0]["num_replaced"] == 0
 
